@@ -1,0 +1,1 @@
+"""The edge-spooler: spool intake, the SQLite outbox, the MQTT publisher."""

@@ -1,0 +1,172 @@
+"""The `edge-spooler` command: run, send, status, check."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from common.cli import global_options, make_parser, run_command
+from common.config import config_path, dump_effective
+from common.exits import Exit
+from edge.config import EdgeConfig, load_edge_config
+from edge.errors import RecordError
+from edge.outbox import Outbox
+from edge.records import parse_lines, parse_value
+from edge.state import pid_alive, read_state
+
+PROG = "edge-spooler"
+ENV = "SPOOLMQ_EDGE_CONFIG"
+
+
+def load(args) -> EdgeConfig:
+    return load_edge_config(config_path(args.config, ENV))
+
+
+def cmd_run(args) -> int:
+    from edge.spooler import Spooler
+
+    Spooler(load(args)).run()
+    return Exit.OK
+
+
+def cmd_send(args) -> int:
+    from edge.api import Producer
+
+    cfg = load(args)
+    data = _read_input(args)
+    what = args.file or ("--data" if args.data is not None else "stdin")
+    payloads = parse_lines(data, what) if args.lines else [parse_value(data, what)]
+    with Producer(cfg) as producer:
+        ids = producer.send_json(args.stream, payloads)
+    sys.stdout.write("".join(f"{i}\n" for i in ids))
+    return Exit.OK
+
+
+def _read_input(args) -> bytes:
+    if args.data is not None:
+        return args.data.encode("utf-8", "surrogateescape")
+    if args.file and args.file != "-":
+        try:
+            with open(args.file, "rb") as f:
+                return f.read()
+        except OSError as exc:
+            raise RecordError(f"cannot read {args.file}: {exc.strerror}",
+                              exit_code=Exit.IOERR if not isinstance(
+                                  exc, FileNotFoundError) else Exit.DATAERR)
+    return sys.stdin.buffer.read()
+
+
+def cmd_status(args) -> int:
+    cfg = load(args)
+    outbox = Outbox(cfg.outbox.path, cfg.edge_id, create=False)
+    try:
+        summary = outbox.summary()
+    finally:
+        outbox.close()
+    state = read_state(cfg.outbox.status_path) or {}
+    report = _status_report(cfg, summary, state)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_status(report)
+    return Exit.OK if report["healthy"] else Exit.TEMPFAIL
+
+
+def _status_report(cfg: EdgeConfig, summary: dict, state: dict) -> dict:
+    running = pid_alive(state.get("pid"))
+    connected = running and bool(state.get("connected"))
+    oldest = summary["oldest_accepted_at"]
+    age = state.get("oldest_unconfirmed_age_s") if running else None
+    problems = []
+    if not running:
+        problems.append("daemon not running")
+    elif not connected:
+        problems.append("not connected to the broker")
+    if age is not None and age > cfg.publish.degraded_after:
+        problems.append(f"records unconfirmed for {age:.0f} s")
+    return {
+        "edge_id": cfg.edge_id,
+        "epoch": state.get("epoch"),
+        "broker": cfg.broker.address,
+        "running": running,
+        "connected": connected,
+        "records_waiting": summary["records_waiting"],
+        "bytes_waiting": summary["bytes_waiting"],
+        "oldest_waiting_age_s": None if oldest is None else round(
+            max(0.0, time.time() - oldest), 1),
+        "unconfirmed": state.get("unconfirmed", 0) if running else 0,
+        "oldest_unconfirmed_age_s": age,
+        "last_receipt_at": state.get("last_receipt_at"),
+        "dead_letters": summary["dead_letters"],
+        "next_seq": summary["next_seq"],
+        "healthy": not problems,
+        "problems": problems,
+    }
+
+
+def _print_status(report: dict) -> None:
+    receipt = report["last_receipt_at"]
+    rows = [
+        ("edge", report["edge_id"]),
+        ("broker", f"{report['broker']} ("
+         f"{'connected' if report['connected'] else 'not connected'})"),
+        ("daemon", "running" if report["running"] else "not running"),
+        ("records waiting", report["records_waiting"]),
+        ("unconfirmed", report["unconfirmed"]),
+        ("oldest waiting", _age(report["oldest_waiting_age_s"])),
+        ("last receipt", time.strftime("%Y-%m-%d %H:%M:%S",
+                                       time.localtime(receipt)) if receipt else "never"),
+        ("dead letters", report["dead_letters"]),
+        ("health", "ok" if report["healthy"] else "degraded: "
+         + "; ".join(report["problems"])),
+    ]
+    for name, value in rows:
+        print(f"{name:16} {value}")
+
+
+def _age(seconds) -> str:
+    return "-" if seconds is None else f"{seconds:.1f} s"
+
+
+def cmd_check(args) -> int:
+    cfg = load(args)
+    sys.stdout.write(dump_effective(cfg))
+    return Exit.OK
+
+
+def build_parser():
+    common = global_options(ENV)
+    parser = make_parser(PROG, "Store-and-forward spooler of a spoolmq edge host.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("run", parents=[common], help="run the daemon")
+    p.set_defaults(handler=cmd_run)
+    p = sub.add_parser("send", parents=[common],
+                       help="accept records into the outbox; print their ids")
+    p.add_argument("--stream", required=True, help="stream name of the records")
+    p.add_argument("--lines", action="store_true",
+                   help="one record per line (JSON Lines) instead of one value")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", metavar="JSON", help="the record as JSON text")
+    src.add_argument("--file", metavar="PATH", help="read the input from a file")
+    src.add_argument("-", dest="stdin", action="store_true",
+                     help="read the input from standard input")
+    p.set_defaults(handler=cmd_send)
+    p = sub.add_parser("status", parents=[common],
+                       help="show the outbox and the link; exit 75 when degraded")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=cmd_status)
+    p = sub.add_parser("check", parents=[common],
+                       help="validate the config and print the effective one")
+    p.set_defaults(handler=cmd_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(PROG, args.handler, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

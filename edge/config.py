@@ -1,0 +1,121 @@
+"""The edge's config: every default in these dataclasses, validated on load."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.config import check_positive, load_dataclass, read_yaml
+from common.errors import ConfigError
+from common.link import BrokerConfig
+from common.topics import name_problem
+
+# Host names a system ships with; an edge id must tell edges apart.
+FACTORY_HOSTNAMES = {"raspberrypi", "localhost", "debian", "ubuntu", "dietpi", "pi"}
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    path: str = "/var/lib/spoolmq/outbox.db"
+    # Records per outbox segment (one row); a receipt deletes whole segments.
+    segment_records: int = 1000
+    segment_bytes: int = 262144
+
+    def validate(self, path: str) -> None:
+        check_positive(path, "segment_records", self.segment_records)
+        check_positive(path, "segment_bytes", self.segment_bytes)
+
+    @property
+    def status_path(self) -> Path:
+        return Path(self.path + ".status.json")
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    dir: str
+    stream: str
+    max_file_bytes: int = 16 * 1024 * 1024
+
+    def validate(self, path: str) -> None:
+        problem = name_problem(self.stream)
+        if problem:
+            raise ConfigError(f"{path}.stream", f"{self.stream!r} {problem}")
+        check_positive(path, "max_file_bytes", self.max_file_bytes)
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    # W: records published and not yet confirmed by a receipt, at most.
+    window: int = 5000
+    batch_records: int = 500
+    batch_bytes: int = 262144
+    linger_ms: int = 50
+    codec: str = "json"
+    # Unconfirmed records are sent again after resend_initial seconds, then
+    # with doubling delays up to resend_max.
+    resend_initial: float = 30.0
+    resend_max: float = 600.0
+    # status exits 75 when a record has waited unconfirmed longer than this.
+    degraded_after: float = 900.0
+
+    def validate(self, path: str) -> None:
+        for name in ("window", "batch_records", "batch_bytes", "resend_initial"):
+            check_positive(path, name, getattr(self, name))
+        check_positive(path, "linger_ms", self.linger_ms, zero_ok=True)
+        if self.batch_records > self.window:
+            raise ConfigError(f"{path}.batch_records", "must not exceed window")
+        if self.resend_max < self.resend_initial:
+            raise ConfigError(f"{path}.resend_max", "must be >= resend_initial")
+        if self.codec not in ("json", "json+zlib"):
+            raise ConfigError(
+                f"{path}.codec", f"must be 'json' or 'json+zlib', not {self.codec!r}"
+            )
+
+
+@dataclass(frozen=True)
+class IntakeConfig:
+    scan_interval: float = 0.5
+    # One outbox transaction takes at most this many files.
+    batch_files: int = 1000
+
+    def validate(self, path: str) -> None:
+        check_positive(path, "scan_interval", self.scan_interval)
+        check_positive(path, "batch_files", self.batch_files)
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    edge_id: str = ""
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    spool: list[SpoolConfig] = field(default_factory=list)
+    topic_prefix: str = "spoolmq"
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    intake: IntakeConfig = field(default_factory=IntakeConfig)
+
+    def validate(self, path: str) -> None:
+        edge_id = self.edge_id or socket.gethostname()
+        if edge_id.lower() in FACTORY_HOSTNAMES:
+            where = "set in the config" if self.edge_id else "the host name"
+            raise ConfigError(
+                "edge_id",
+                f"{edge_id!r} ({where}) is a factory default shared by many hosts; "
+                "set edge_id to a name unique to this edge",
+            )
+        problem = name_problem(edge_id)
+        if problem:
+            raise ConfigError("edge_id", f"{edge_id!r} {problem}")
+        object.__setattr__(self, "edge_id", edge_id)
+        for part in self.topic_prefix.split("/"):
+            if name_problem(part):
+                raise ConfigError("topic_prefix", f"{self.topic_prefix!r} is invalid")
+        dirs = [str(Path(s.dir).resolve()) for s in self.spool]
+        for i, d in enumerate(dirs):
+            if d in dirs[:i]:
+                raise ConfigError(f"spool[{i}].dir", f"{d} is listed twice")
+
+
+def load_edge_config(path: str) -> EdgeConfig:
+    """Read and validate an edge.yaml; ConfigError names the key."""
+    return load_dataclass(EdgeConfig, read_yaml(path))

@@ -1,0 +1,374 @@
+"""The outbox: accepted records on disk until a receipt confirms them.
+
+Records are kept in segments: one row holds up to a few hundred records of
+one stream, accepted in one transaction, with consecutive seqs. A receipt
+usually covers whole segments, so forgetting confirmed records deletes whole
+rows, which writes far less than deleting record by record.
+
+Identity: `meta` holds the edge id, the epoch (random, made with the outbox)
+and `next_seq`, a counter row, so a seq is never used twice even when the
+table empties (SQLite reuses the largest rowid otherwise).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from common.exits import Exit
+from edge.errors import OutboxBusy, OutboxError, SpoolError
+
+log = logging.getLogger("edge.outbox")
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 30.0
+
+_SCHEMA_V1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE segments (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    epoch TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    first_seq INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    accepted_at REAL NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX segments_by_seq ON segments (epoch, first_seq);
+CREATE TABLE claims (claim TEXT PRIMARY KEY, records INTEGER NOT NULL);
+CREATE TABLE dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    epoch TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    stream TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    reason TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    dead_at REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A record to accept: its stream, payload as compact JSON, edge clock."""
+
+    stream: str
+    payload: str
+    created_at: float
+    clock_unsynced: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RecordId:
+    edge_id: str
+    epoch: str
+    seq: int
+
+    def __str__(self) -> str:
+        return f"{self.edge_id}:{self.epoch}:{self.seq}"
+
+
+@dataclass(slots=True)
+class SegmentRow:
+    id: int
+    epoch: str
+    stream: str
+    first_seq: int
+    count: int
+    accepted_at: float
+    body: str
+
+
+def encode_body(records: Iterable[Record]) -> str:
+    """One line per record: created_at, unsynced flag, payload JSON.
+
+    Compact JSON holds no raw tab or newline, so the split is unambiguous.
+    """
+    return "".join(
+        f"{r.created_at:.3f}\t{int(r.clock_unsynced)}\t{r.payload}\n" for r in records
+    )
+
+
+def decode_body(body: str) -> Iterator[tuple[float, bool, str]]:
+    for line in body.splitlines():
+        created, unsynced, payload = line.split("\t", 2)
+        yield float(created), unsynced == "1", payload
+
+
+class Outbox:
+    """The SQLite outbox file; safe to use from several processes at once."""
+
+    def __init__(self, path: str | os.PathLike, edge_id: str, *, create=True):
+        self.path = Path(path)
+        self.edge_id = edge_id
+        self.conn = self._connect(create)
+        self.epoch = self._open_identity()
+
+    # --- opening -------------------------------------------------------
+
+    def _connect(self, create: bool) -> sqlite3.Connection:
+        if not create and not self.path.exists():
+            raise OutboxError(f"outbox {self.path} does not exist")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+        except (OSError, sqlite3.Error) as exc:
+            raise OutboxError(
+                f"cannot open outbox {self.path}: {exc}; check the path and "
+                "that this user may write its directory"
+            ) from None
+        return conn
+
+    def _open_identity(self) -> str:
+        """Create the schema on first use; check the edge id on every use."""
+        try:
+            with self.transaction():
+                version = self._schema_version()
+                if version == 0:
+                    self._create()
+                elif version > SCHEMA_VERSION:
+                    raise OutboxError(
+                        f"outbox {self.path} has schema {version}, newer than this "
+                        f"build's {SCHEMA_VERSION}; upgrade spoolmq",
+                        exit_code=Exit.CONFIG,
+                    )
+                meta = dict(self.conn.execute("SELECT key, value FROM meta"))
+        except sqlite3.DatabaseError as exc:
+            raise OutboxError(f"outbox {self.path} is not usable: {exc}") from None
+        if meta["edge_id"] != self.edge_id:
+            raise OutboxError(
+                f"outbox {self.path} belongs to edge {meta['edge_id']!r}, "
+                f"but the config says edge_id {self.edge_id!r}; fix edge_id or "
+                "outbox.path",
+                exit_code=Exit.CONFIG,
+            )
+        return meta["epoch"]
+
+    def _schema_version(self) -> int:
+        tables = {r[0] for r in self.conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "meta" not in tables:
+            return 0
+        row = self.conn.execute(
+            "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _create(self) -> None:
+        for statement in _SCHEMA_V1.split(";"):
+            if statement.strip():
+                self.conn.execute(statement)
+        epoch = secrets.token_hex(8)
+        self.conn.executemany(
+            "INSERT INTO meta (key, value) VALUES (?, ?)",
+            [
+                ("schema_version", str(SCHEMA_VERSION)),
+                ("edge_id", self.edge_id),
+                ("epoch", epoch),
+                ("next_seq", "1"),
+                ("created_at", f"{time.time():.3f}"),
+            ],
+        )
+        log.info("created outbox %s for edge %s, epoch %s", self.path,
+                 self.edge_id, epoch)
+
+    # --- transactions --------------------------------------------------
+
+    def transaction(self):
+        return _Transaction(self)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # --- accepting -----------------------------------------------------
+
+    def accept(
+        self,
+        records: list[Record],
+        *,
+        claims: Iterable[str] = (),
+        forget_claims: Iterable[str] = (),
+        segment_records: int = 1000,
+        segment_bytes: int = 262144,
+    ) -> list[RecordId]:
+        """Commit records (and the spool claims they came from) in one go."""
+        with self.transaction():
+            first = self._take_seqs(len(records))
+            ids = [RecordId(self.edge_id, self.epoch, first + i)
+                   for i in range(len(records))]
+            self._insert_segments(records, first, segment_records, segment_bytes)
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO claims (claim, records) VALUES (?, ?)",
+                [(c, len(records)) for c in claims],
+            )
+            self.conn.executemany(
+                "DELETE FROM claims WHERE claim = ?", [(c,) for c in forget_claims]
+            )
+        return ids
+
+    def _take_seqs(self, n: int) -> int:
+        row = self.conn.execute(
+            "UPDATE meta SET value = CAST(value AS INTEGER) + ? "
+            "WHERE key = 'next_seq' RETURNING CAST(value AS INTEGER)", (n,)
+        ).fetchone()
+        return row[0] - n
+
+    def _insert_segments(self, records, first_seq, max_records, max_bytes):
+        now = time.time()
+        rows = []
+        for stream, start, chunk in _split(records, max_records, max_bytes):
+            body = encode_body(chunk)
+            rows.append((self.epoch, stream, first_seq + start, len(chunk),
+                         len(body), now, body))
+        self.conn.executemany(
+            "INSERT INTO segments (epoch, stream, first_seq, count, bytes, "
+            "accepted_at, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+
+    def committed_claims(self, claims: Iterable[str]) -> set[str]:
+        """Which of these spool claims an earlier transaction committed."""
+        wanted = list(claims)
+        found = set()
+        for i in range(0, len(wanted), 500):
+            part = wanted[i : i + 500]
+            marks = ",".join("?" * len(part))
+            found.update(r[0] for r in self.conn.execute(
+                f"SELECT claim FROM claims WHERE claim IN ({marks})", part))
+        return found
+
+    def all_claims(self) -> set[str]:
+        return {r[0] for r in self.conn.execute("SELECT claim FROM claims")}
+
+    def forget_claims(self, claims: Iterable[str]) -> None:
+        with self.transaction():
+            self.conn.executemany(
+                "DELETE FROM claims WHERE claim = ?", [(c,) for c in claims])
+
+    # --- reading for the publisher ---------------------------------------
+
+    def segments_after(self, last_id: int, limit_records: int) -> list[SegmentRow]:
+        """The oldest segments with id > last_id, about limit_records in all."""
+        out, total = [], 0
+        cursor = self.conn.execute(
+            "SELECT id, epoch, stream, first_seq, count, accepted_at, body "
+            "FROM segments WHERE id > ? ORDER BY id", (last_id,))
+        for row in cursor:
+            out.append(SegmentRow(*row))
+            total += row[4]
+            if total >= limit_records:
+                break
+        cursor.close()
+        return out
+
+    def segments_overlapping(self, epoch: str, first: int, last: int):
+        """(id, first_seq, count) of segments holding any seq in first..last."""
+        return self.conn.execute(
+            "SELECT id, first_seq, count FROM segments WHERE epoch = ? "
+            "AND first_seq <= ? AND first_seq + count > ?",
+            (epoch, last, first),
+        ).fetchall()
+
+    def delete_segments(self, ids: Iterable[int]) -> None:
+        ids = list(ids)
+        if not ids:
+            return
+        with self.transaction():
+            self.conn.executemany(
+                "DELETE FROM segments WHERE id = ?", [(i,) for i in ids])
+
+    def data_version(self) -> int:
+        """Changes whenever another connection commits to the file."""
+        return self.conn.execute("PRAGMA data_version").fetchone()[0]
+
+    # --- reporting -----------------------------------------------------
+
+    def summary(self) -> dict:
+        records, segments, oldest, bytes_ = self.conn.execute(
+            "SELECT COALESCE(SUM(count), 0), COUNT(*), MIN(accepted_at), "
+            "COALESCE(SUM(bytes), 0) FROM segments").fetchone()
+        next_seq = self.conn.execute(
+            "SELECT value FROM meta WHERE key = 'next_seq'").fetchone()[0]
+        dead = self.conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+        return {
+            "records_waiting": records,
+            "segments": segments,
+            "bytes_waiting": bytes_,
+            "oldest_accepted_at": oldest,
+            "next_seq": int(next_seq),
+            "dead_letters": dead,
+        }
+
+
+def _split(records: list[Record], max_records: int, max_bytes: int):
+    """(stream, start index, records) runs of one stream within the limits."""
+    start = 0
+    while start < len(records):
+        stream = records[start].stream
+        end, size = start, 0
+        while end < len(records) and records[end].stream == stream:
+            size += len(records[end].payload) + 20
+            if end > start and (end - start >= max_records or size > max_bytes):
+                break
+            end += 1
+        yield stream, start, records[start:end]
+        start = end
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, with SQLite errors turned into ours."""
+
+    def __init__(self, outbox: Outbox):
+        self.outbox = outbox
+
+    def __enter__(self):
+        try:
+            self.outbox.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.outbox.path) from None
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        conn = self.outbox.conn
+        if exc_type is None:
+            try:
+                conn.execute("COMMIT")
+                return False
+            except sqlite3.Error as err:
+                exc = err
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.debug("rollback failed after %s", exc)
+        if isinstance(exc, sqlite3.Error):
+            raise _translate(exc, self.outbox.path) from None
+        return False
+
+
+def _translate(exc: sqlite3.Error, path: Path) -> SpoolError:
+    text = str(exc)
+    if "database or disk is full" in text or getattr(exc, "sqlite_errorcode", 0) == 13:
+        return OutboxBusy(f"disk full writing outbox {path}; free space and retry")
+    if "locked" in text or "busy" in text:
+        return OutboxBusy(f"outbox {path} is busy ({text}); retry")
+    if "readonly" in text or "unable to open" in text:
+        return OutboxError(f"cannot write outbox {path}: {text}")
+    if isinstance(exc, sqlite3.OperationalError) and "disk I/O" in text:
+        return SpoolError(f"I/O error on outbox {path}: {text}", exit_code=Exit.IOERR)
+    return SpoolError(f"outbox {path}: {text}")
+
+
+__all__ = ["Outbox", "Record", "RecordId", "SegmentRow", "decode_body", "errno"]

@@ -1,0 +1,400 @@
+"""The edge-spooler daemon: intake, publishing and receipts in one loop.
+
+One thread does everything, in this order, each time round:
+
+1. connect when disconnected and the backoff delay has passed;
+2. let paho read and write the socket (receipts arrive here);
+3. take new spool files into the outbox;
+4. load segments from the outbox while the window has room;
+5. publish new batches and due resends;
+6. delete the segments that receipts fully confirmed;
+7. write the state file when it changed.
+
+No step blocks for long, so intake goes on while the broker is down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import MQTTErrorCode
+
+from common import __version__
+from common.envelope import (
+    decode_json,
+    decode_receipt,
+    encode_batch,
+    encode_json,
+    format_time,
+)
+from common.errors import EnvelopeError
+from common.link import Backoff, make_client, prepare_connect
+from common.topics import Topics
+from edge.config import EdgeConfig
+from edge.outbox import Outbox
+from edge.spool import SpoolIntake
+from edge.state import write_state
+from edge.window import Chunk, Window
+
+log = logging.getLogger("edge.spooler")
+
+STATE_EVERY_S = 2.0
+# Messages published and not yet PUBACKed, at most, when the broker names no
+# Receive Maximum (3.1.1 never does). Keeps paho's own queue small.
+DEFAULT_INFLIGHT = 100
+
+
+class Spooler:
+    """The daemon; `run()` returns when SIGTERM or SIGINT asks it to stop."""
+
+    def __init__(self, cfg: EdgeConfig):
+        self.cfg = cfg
+        self.topics = Topics(cfg.topic_prefix)
+        self.outbox = Outbox(cfg.outbox.path, cfg.edge_id)
+        self.intake = SpoolIntake(self.outbox, cfg.spool, cfg.outbox, cfg.intake)
+        pub = cfg.publish
+        self.window = Window(pub.window, pub.batch_records, pub.batch_bytes,
+                             pub.linger_ms / 1000, pub.resend_initial,
+                             pub.resend_max)
+        self.client = self._make_client()
+        self.backoff = Backoff(cfg.broker)
+        self.stopping = False
+        self.connected = False
+        self.max_message = cfg.broker.max_message_bytes
+        self.inflight_cap = DEFAULT_INFLIGHT
+        self.unacked: set[int] = set()
+        self.next_connect = 0.0
+        self.next_scan = 0.0
+        self.data_version = -1
+        self._maybe_more = True
+        self.core_session: str | None = None
+        self.core_status: dict[str, bool] = {}
+        self.last_receipt: float | None = None
+        self.connected_since: float | None = None
+        self.published_total = 0
+        self._state_written = 0.0
+        self._state_last: dict | None = None
+
+    # --- MQTT client ---------------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        client = make_client(self.cfg.broker, self.cfg.edge_id)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        # paho's own in-flight cap is not applied when it resends after a
+        # reconnect, and cannot change while connected; so paho gets no cap
+        # and the spooler keeps at most `inflight_cap` messages unacked itself.
+        client.max_inflight_messages_set(0)
+        client.will_set(self.topics.status(self.cfg.edge_id),
+                        self._status_body(False), qos=1, retain=True)
+        prepare_connect(client, self.cfg.broker)
+        return client
+
+    def _status_body(self, online: bool) -> bytes:
+        return encode_json({"online": online, "ts": format_time(time.time()),
+                            "epoch": self.outbox.epoch, "version": __version__})
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            # The daemon never exits on broker trouble: log and keep trying.
+            delay = self.backoff.next_delay()
+            log.error("broker %s refused the connection: %s; retrying in %.1f s",
+                      self.cfg.broker.address, reason_code, delay)
+            self.next_connect = time.monotonic() + delay
+            return
+        self.connected = True
+        self.connected_since = time.time()
+        self.backoff.reset()
+        self._apply_connack_limits(properties)
+        log.info("connected to %s (session present: %s); %d records unconfirmed",
+                 self.cfg.broker.address, flags.session_present,
+                 self.window.unconfirmed)
+        receipt = self.topics.receipt(self.cfg.edge_id)
+        client.subscribe([(receipt, 1), (self.topics.core_session(), 1),
+                          (self.topics.core_status(), 1)])
+        client.publish(self.topics.status(self.cfg.edge_id),
+                       self._status_body(True), qos=1, retain=True)
+
+    def _apply_connack_limits(self, properties) -> None:
+        # paho ignores the CONNACK's Receive Maximum and Maximum Packet Size,
+        # so read them and cap ourselves (see the design's Known traps).
+        self.inflight_cap = DEFAULT_INFLIGHT
+        self.max_message = self.cfg.broker.max_message_bytes
+        if properties is not None:
+            # MQTT 5 without the property means 65535.
+            self.inflight_cap = getattr(properties, "ReceiveMaximum", 65535)
+            packet_max = getattr(properties, "MaximumPacketSize", None)
+            if packet_max:
+                self.max_message = min(self.max_message, packet_max - 512)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties):
+        self.unacked.discard(mid)
+        if reason_code.is_failure:
+            # TODO: MQTT 5 PUBACK reason codes are only logged (the records
+            # stay unconfirmed and are resent); ends with the per-code table.
+            log.warning("broker refused message %d: %s", mid, reason_code)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        if self.connected and not self.stopping:
+            log.warning("disconnected from %s: %s; %d records unconfirmed",
+                        self.cfg.broker.address, reason_code,
+                        self.window.unconfirmed)
+        self.connected = False
+        self.connected_since = None
+        if not self.stopping:
+            self._schedule_reconnect()
+
+    def _schedule_reconnect(self) -> None:
+        delay = self.backoff.next_delay()
+        self.next_connect = time.monotonic() + delay
+        log.info("reconnecting to %s in %.1f s", self.cfg.broker.address, delay)
+
+    def _on_message(self, client, userdata, msg):
+        try:
+            if msg.topic == self.topics.receipt(self.cfg.edge_id):
+                self._on_receipt(msg.payload)
+            elif msg.topic == self.topics.core_session():
+                self._on_core_session(msg.payload)
+            else:
+                self._on_core_status(msg.topic, msg.payload)
+        except EnvelopeError as exc:
+            log.warning("ignored a malformed message on %s: %s", msg.topic, exc)
+
+    def _on_receipt(self, payload: bytes) -> None:
+        self.last_receipt = time.time()
+        for epoch, ranges in decode_receipt(payload).items():
+            for first, last in ranges:
+                _, uncovered = self.window.confirm(epoch, first, last)
+                for lo, hi in uncovered:
+                    self._confirm_on_disk(epoch, lo, hi)
+
+    def _confirm_on_disk(self, epoch: str, first: int, last: int) -> None:
+        """A receipt for records not in memory: delete rows it fully covers."""
+        rows = self.outbox.segments_overlapping(epoch, first, last)
+        covered = [i for i, f, n in rows if f >= first and f + n - 1 <= last
+                   and i not in self.window.segments]
+        # TODO: a receipt covering part of a segment not in memory is dropped
+        # (those records are sent again and confirmed again); ends when the
+        # outbox keeps per-record confirmation marks.
+        self.window.done.extend(covered)
+
+    def _on_core_session(self, payload: bytes) -> None:
+        body = decode_json(payload)
+        session = body.get("session") if isinstance(body, dict) else None
+        if not session or session == self.core_session:
+            return
+        if self.core_session is not None:
+            n = self.window.resend_all(time.monotonic())
+            log.warning("the core started a new broker session (%s): messages "
+                        "may have been lost on the way; resending %d records",
+                        session, n)
+        self.core_session = session
+
+    def _on_core_status(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            self.core_status.pop(topic, None)
+            return
+        body = decode_json(payload)
+        if isinstance(body, dict):
+            self.core_status[topic] = bool(body.get("online"))
+
+    @property
+    def core_away(self) -> bool:
+        """True when every collector known to us said (or willed) it is gone."""
+        return bool(self.core_status) and not any(self.core_status.values())
+
+    # --- the loop ------------------------------------------------------
+
+    def run(self) -> None:
+        self._install_signals()
+        self.intake.prepare()
+        log.info("edge %s started: outbox %s (epoch %s), %d spool dirs, broker "
+                 "%s, window %d", self.cfg.edge_id, self.cfg.outbox.path,
+                 self.outbox.epoch, len(self.cfg.spool),
+                 self.cfg.broker.address, self.cfg.publish.window)
+        while not self.stopping:
+            self.step()
+        self._shutdown()
+
+    def step(self) -> None:
+        now = time.monotonic()
+        if not self.connected and now >= self.next_connect:
+            self._connect()
+        self._network(0.05)
+        if now >= self.next_scan:
+            taken = self.intake.scan()
+            self._maybe_more = self._maybe_more or taken > 0
+            # A full batch means more is waiting: scan again at once.
+            busy = taken >= self.cfg.intake.batch_files
+            self.next_scan = now + (0 if busy else self.cfg.intake.scan_interval)
+        self._load()
+        if self.connected:
+            self._publish(time.monotonic())
+        self.outbox.delete_segments(self.window.take_done())
+        self._write_state()
+
+    def _connect(self) -> None:
+        try:
+            self.client.reconnect()
+        except (OSError, ValueError) as exc:
+            delay = self.backoff.next_delay()
+            self.next_connect = time.monotonic() + delay
+            log.info("broker %s unreachable (%s); retrying in %.1f s",
+                     self.cfg.broker.address, exc, delay)
+            return
+        # The CONNACK arrives through the loop; on_connect then takes over.
+        self.next_connect = time.monotonic() + self.cfg.broker.connect_timeout
+
+    def _network(self, timeout: float) -> None:
+        if self.client.socket() is None:
+            time.sleep(timeout)
+            return
+        rc = self.client.loop(timeout=timeout)
+        if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
+            if self.connected:
+                self._on_disconnect(self.client, None, None, rc, None)
+
+    def _load(self) -> None:
+        """Bring segments into memory while the window has room.
+
+        The query runs only when something may be new: another process (a
+        producer's `send`) committed, our own intake did, or the last load
+        stopped at the limit.
+        """
+        wants = self.window.wants()
+        if wants <= 0:
+            return
+        version = self.outbox.data_version()
+        if version == self.data_version and not self._maybe_more:
+            return
+        self.data_version = version
+        rows = self.outbox.segments_after(self.window.last_id, wants)
+        self._maybe_more = sum(r.count for r in rows) >= wants
+        if rows:
+            self.window.add(rows, time.monotonic())
+
+    def _publish(self, now: float) -> None:
+        if len(self.unacked) >= self.inflight_cap:
+            return
+        for chunk in self.window.due_resends(now, paused=self.core_away):
+            self._send(chunk, now)
+        while self.connected and len(self.unacked) < self.inflight_cap:
+            chunk = self.window.next_chunk(now)
+            if chunk is None:
+                break
+            self._send(chunk, now)
+
+    def _send(self, chunk: Chunk, now: float) -> None:
+        """Publish a chunk, split so each message fits the broker's limit."""
+        records = chunk.records()
+        payload = encode_batch(self.cfg.edge_id, chunk.epoch, chunk.stream,
+                               records, self.cfg.publish.codec)
+        if len(payload) > self.max_message and len(records) > 1:
+            for half in _halves(chunk):
+                self._send(half, now)
+            return
+        if len(payload) > self.max_message:
+            self._dead_letter(chunk, f"{len(payload)} bytes, over the broker's "
+                              f"limit of {self.max_message}")
+            return
+        topic = self.topics.data(self.cfg.edge_id, chunk.stream)
+        info = self.client.publish(topic, payload, qos=1)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS,
+                           MQTTErrorCode.MQTT_ERR_NO_CONN):
+            # Not queued by paho at all: leave it for the next round.
+            log.warning("publish refused by the client: %s", mqtt.error_string(info.rc))
+            return
+        self.unacked.add(info.mid)
+        self.window.mark_published(chunk, now)
+        self.published_total += len(records)
+
+    def _dead_letter(self, chunk: Chunk, reason: str) -> None:
+        # TODO: records no broker accepts are only dropped from the window and
+        # logged; ends with the edge dead-letter table and the skipped topic.
+        seg, offsets = chunk.pieces[0]
+        log.error("record %s:%s:%d can never be sent (%s); dropping it",
+                  self.cfg.edge_id, chunk.epoch, seg.records[offsets[0]].seq, reason)
+        if chunk.attempt == 0:
+            seg.sent_upto = max(seg.sent_upto, offsets[-1] + 1)
+        self.window.drop_offsets(seg, offsets)
+
+    # --- state and shutdown ----------------------------------------------
+
+    def state(self) -> dict:
+        since = self.window.oldest_unconfirmed_since()
+        age = None if since is None else max(0.0, time.monotonic() - since)
+        return {
+            "pid": os.getpid(),
+            "edge_id": self.cfg.edge_id,
+            "epoch": self.outbox.epoch,
+            "broker": self.cfg.broker.address,
+            "connected": self.connected,
+            "connected_since": self.connected_since,
+            "unconfirmed": self.window.unconfirmed,
+            "oldest_unconfirmed_age_s": None if age is None else round(age, 1),
+            "last_receipt_at": self.last_receipt,
+            "published_total": self.published_total,
+            "confirmed_total": self.window.confirmed_total,
+            "resent_total": self.window.resent_total,
+            "accepted_from_spool": self.intake.accepted,
+            "quarantined": self.intake.quarantined,
+            "core_away": self.core_away,
+        }
+
+    def _write_state(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._state_written < STATE_EVERY_S:
+            return
+        state = self.state()
+        if state == self._state_last and not force:
+            return
+        state["updated_at"] = time.time()
+        write_state(self.cfg.outbox.status_path, state)
+        state.pop("updated_at")
+        self._state_last = state
+        self._state_written = now
+
+    def _install_signals(self) -> None:
+        def ask_stop(signum, frame):
+            self.stopping = True
+
+        signal.signal(signal.SIGTERM, ask_stop)
+        signal.signal(signal.SIGINT, ask_stop)
+
+    def _shutdown(self) -> None:
+        log.info("stopping: %d records unconfirmed stay in the outbox",
+                 self.window.unconfirmed)
+        self.outbox.delete_segments(self.window.take_done())
+        if self.connected:
+            self.client.publish(self.topics.status(self.cfg.edge_id),
+                                self._status_body(False), qos=1, retain=True)
+            for _ in range(20):
+                self.client.loop(timeout=0.05)
+            self.client.disconnect()
+        state = self.state()
+        state.update(connected=False, pid=None, stopped_at=time.time())
+        write_state(self.cfg.outbox.status_path, state)
+        self.outbox.close()
+
+
+def _halves(chunk: Chunk) -> list[Chunk]:
+    flat = [(seg, o) for seg, offsets in chunk.pieces for o in offsets]
+    mid = len(flat) // 2
+    out = []
+    for part in (flat[:mid], flat[mid:]):
+        pieces: list = []
+        for seg, o in part:
+            if pieces and pieces[-1][0] is seg:
+                pieces[-1][1].append(o)
+            else:
+                pieces.append((seg, [o]))
+        out.append(Chunk(chunk.epoch, chunk.stream, pieces, chunk.attempt))
+    return out
+
+
