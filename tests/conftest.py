@@ -1,0 +1,36 @@
+"""Fixtures shared by every test: real Mosquitto brokers on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+
+import pytest
+
+from tests.harness.broker import Broker, SettingValue
+
+
+@pytest.fixture
+def broker() -> Iterator[Broker]:
+    """A started broker with the derived production config."""
+    with Broker() as started:
+        yield started
+
+
+@pytest.fixture
+def broker_factory() -> Iterator[Callable[..., Broker]]:
+    """Make brokers with overridden settings; all are closed at teardown.
+
+    ``broker_factory(autosave_interval=3600)`` returns a started broker;
+    pass ``start=False`` to add files (a password or ACL file) first.
+    """
+    with ExitStack() as cleanup:
+
+        def make(*, start: bool = True, **settings: SettingValue) -> Broker:
+            new = Broker(settings)
+            cleanup.callback(new.close)
+            if start:
+                new.start()
+            return new
+
+        yield make
