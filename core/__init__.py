@@ -1,0 +1,1 @@
+"""The core-collector: MQTT subscriber, datastores, receipts, its CLI."""

@@ -1,0 +1,184 @@
+"""The datastore interface: the one place a backend's duties are written down.
+
+A backend holds four things:
+
+- `records`, one row per record, unique on `(edge_id, epoch, seq)`;
+- `dead_letters`, what the core refused, with the reason and the raw bytes;
+  unique on the identity when the identity is known;
+- a per-edge summary kept in the same transaction as the rows it counts, so
+  `status` never scans `records`;
+- small named values for the collector itself (the topics it subscribed).
+
+`store()` is the only write on the message path. It commits a whole batch in
+one transaction and returns the identities the edges may now forget: every
+record of the batch, including those the unique key ignored as duplicates,
+and every dead letter whose identity is known. The collector acknowledges the
+batch's messages to the broker only after `store()` returned.
+
+Backends are chosen by URL scheme in `open_datastore`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from common.config import mask_url
+from common.errors import ConfigError
+
+# edge_id -> epoch -> seqs now in records or dead_letters.
+Confirmed = dict[str, dict[str, list[int]]]
+
+SCHEMES = ("sqlite", "postgresql")
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One record ready to store; `created_at` is RFC 3339 UTC text."""
+
+    edge_id: str
+    epoch: str
+    seq: int
+    stream: str
+    created_at: str
+    clock_unsynced: bool
+    payload: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """What the core refused; the identity is known for a bad record only."""
+
+    topic: str
+    reason: str
+    raw: bytes
+    edge_id: str | None = None
+    epoch: str | None = None
+    seq: int | None = None
+
+    @property
+    def identified(self) -> bool:
+        return None not in (self.edge_id, self.epoch, self.seq)
+
+
+Item = Record | DeadLetter
+
+
+class Datastore(ABC):
+    """Where committed records live. See the module docstring for the duties."""
+
+    #: The URL the store was opened from, password masked.
+    url: str
+
+    @abstractmethod
+    def store(
+        self, items: Sequence[Item], received_at: float | None = None
+    ) -> Confirmed:
+        """Commit records and dead letters in one transaction.
+
+        `received_at` (seconds since the epoch, default now) is the core's
+        clock for every row. Raises DatastoreError when nothing was committed;
+        the caller then retries the same items later.
+        """
+
+    @abstractmethod
+    def edge_summary(self) -> list[dict]:
+        """One mapping per edge, by edge_id.
+
+        Keys: edge_id, records, dead_letters, first_seen, last_seen,
+        last_created_at (RFC 3339 text or None), missing (seqs between the
+        lowest and highest stored of each epoch that are not stored).
+        """
+
+    @abstractmethod
+    def totals(self) -> dict[str, int]:
+        """Counts over the whole store: records, dead_letters, edges."""
+
+    @abstractmethod
+    def load_state(self, key: str) -> str | None:
+        """A value saved by `save_state`, or None."""
+
+    @abstractmethod
+    def save_state(self, key: str, value: str) -> None:
+        """Keep a small named value (committed before returning)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the connection; the object is unusable afterwards."""
+
+    def refusal(self, record: Record) -> str | None:
+        """Why this backend cannot hold `record`, or None.
+
+        The collector dead-letters a refused record on its own instead of
+        letting it fail its batch (PostgreSQL's jsonb refuses `\\u0000`).
+        """
+        return None
+
+
+def confirmed_ids(items: Sequence[Item]) -> Confirmed:
+    """edge -> epoch -> seqs of every record and identified dead letter."""
+    found: dict[str, dict[str, set[int]]] = {}
+    for item in items:
+        if isinstance(item, DeadLetter) and not item.identified:
+            continue
+        found.setdefault(item.edge_id, {}).setdefault(item.epoch, set()).add(item.seq)
+    return {
+        edge_id: {epoch: sorted(seqs) for epoch, seqs in epochs.items()}
+        for edge_id, epochs in found.items()
+    }
+
+
+def url_problem(url: str) -> str | None:
+    """Why `url` is not a datastore URL, or None."""
+    scheme = urlsplit(url).scheme
+    if scheme not in SCHEMES:
+        allowed = " or ".join(f"{s}://" for s in SCHEMES)
+        return f"must start with {allowed}, not {mask_url(url)!r}"
+    if scheme == "sqlite":
+        return _sqlite_url_problem(url)
+    return None
+
+
+def _sqlite_url_problem(url: str) -> str | None:
+    if not url.startswith("sqlite:///") or len(url) == len("sqlite:///"):
+        return (
+            "a sqlite URL needs a file: sqlite:////abs/path.db (four slashes) "
+            "or sqlite:///relative/path.db"
+        )
+    if url.endswith(":memory:"):
+        return "an in-memory datastore would lose what it confirmed; name a file"
+    return None
+
+
+def sqlite_path(url: str) -> str:
+    """The file a sqlite URL names (SQLAlchemy's convention)."""
+    return url[len("sqlite:///") :]
+
+
+def require_backend(url: str) -> None:
+    """Raise ConfigError unless this build can open `url`."""
+    problem = url_problem(url)
+    if problem:
+        raise ConfigError("datastore.url", problem)
+    if urlsplit(url).scheme == "postgresql":
+        # TODO: refused until the PostgreSQL backend (psycopg, jsonb) is written.
+        raise ConfigError(
+            "datastore.url",
+            "postgresql datastore is not available in this build; "
+            "use sqlite:////path/to/core.db",
+        )
+
+
+def open_datastore(url: str, *, readonly: bool = False) -> Datastore:
+    """The backend for `url`, schema migrated unless `readonly`.
+
+    Raises DatastoreError (73) when it cannot be created or written, or (69)
+    with `readonly` when it cannot be opened; ConfigError for a URL this build
+    has no backend for.
+    """
+    require_backend(url)
+    from core.sqlite_store import SQLiteDatastore
+
+    return SQLiteDatastore(sqlite_path(url), url=mask_url(url), readonly=readonly)

@@ -1,0 +1,130 @@
+"""A received message becomes records or dead letters, never an exception."""
+
+from __future__ import annotations
+
+import json
+
+from common.envelope import WireRecord, encode_batch, wrap
+from common.topics import Topics
+from core.datastore import DeadLetter, Record
+from core.messages import decode_message
+
+TOPICS = Topics("spoolmq")
+TOPIC = "spoolmq/e1/data/s"
+
+
+def batch_body(records: list, **header) -> bytes:
+    body = {"edge_id": "e1", "epoch": "ep1", "stream": "s", "records": records}
+    body.update(header)
+    return wrap(json.dumps(body).encode())
+
+
+def good(seq: int, **fields) -> dict:
+    rec = {
+        "seq": seq,
+        "created_at": "2024-05-01T14:00:00+02:00",
+        "clock_unsynced": False,
+        "payload": {"n": seq},
+    }
+    rec.update(fields)
+    return rec
+
+
+def test_a_batch_becomes_records_with_utc_times():
+    data = encode_batch("e1", "ep1", "s", [WireRecord(1, 0.5, True, '{"a":"é"}')])
+
+    (item,) = decode_message(TOPIC, data, TOPICS)
+
+    assert item == Record(
+        "e1", "ep1", 1, "s", "1970-01-01T00:00:00.500Z", True, '{"a":"é"}'
+    )
+
+
+def test_a_created_at_with_an_offset_is_stored_in_utc():
+    (item,) = decode_message(TOPIC, batch_body([good(1)]), TOPICS)
+
+    assert item.created_at == "2024-05-01T12:00:00.000Z"
+
+
+def test_one_bad_record_is_dead_lettered_alone_with_its_identity():
+    items = decode_message(
+        TOPIC, batch_body([good(1), good(2, created_at="yesterday"), good(3)]), TOPICS
+    )
+
+    assert [type(i) for i in items] == [Record, DeadLetter, Record]
+    letter = items[1]
+    assert (letter.edge_id, letter.epoch, letter.seq) == ("e1", "ep1", 2)
+    assert json.loads(letter.raw)["created_at"] == "yesterday"
+
+
+def test_a_record_without_a_usable_seq_is_dead_lettered_without_identity():
+    (letter,) = decode_message(TOPIC, batch_body([good(0)]), TOPICS)
+
+    assert isinstance(letter, DeadLetter)
+    assert not letter.identified
+
+
+def test_a_seq_beyond_64_bits_and_an_infinite_number_are_dead_lettered():
+    items = decode_message(
+        TOPIC,
+        wrap(
+            b'{"edge_id":"e1","epoch":"ep1","stream":"s","records":['
+            b'{"seq":9223372036854775808,"created_at":"2024-05-01T00:00:00Z",'
+            b'"payload":1},'
+            b'{"seq":4,"created_at":"2024-05-01T00:00:00Z","payload":1e999}]}'
+        ),
+        TOPICS,
+    )
+
+    assert all(isinstance(item, DeadLetter) for item in items)
+    assert [item.seq for item in items] == [None, 4]
+
+
+def test_a_batch_claiming_another_edge_is_dead_lettered_whole():
+    (letter,) = decode_message(TOPIC, batch_body([good(1)], edge_id="e2"), TOPICS)
+
+    assert isinstance(letter, DeadLetter)
+    assert letter.edge_id == "e1" and letter.seq is None
+    assert "'e2'" in letter.reason
+
+
+def test_a_message_that_is_not_an_envelope_keeps_its_raw_bytes():
+    (letter,) = decode_message(TOPIC, b"\xff\x00garbage", TOPICS)
+
+    assert letter.raw == b"\xff\x00garbage"
+
+
+def test_json_nested_too_deeply_is_dead_lettered_not_raised():
+    (letter,) = decode_message(TOPIC, wrap(b"[" * 200000), TOPICS)
+
+    assert "nested too deeply" in letter.reason
+
+
+def test_a_lone_surrogate_in_a_payload_is_kept_as_an_escape():
+    data = wrap(
+        b'{"edge_id":"e1","epoch":"ep1","stream":"s","records":[{"seq":1,'
+        b'"created_at":"2024-05-01T00:00:00Z","payload":"\\ud800"}]}'
+    )
+
+    (item,) = decode_message(TOPIC, data, TOPICS)
+
+    assert item.payload == '"\\ud800"'
+
+
+def test_status_and_skipped_messages_store_nothing_yet():
+    status = wrap(b'{"online":true}')
+
+    assert decode_message("spoolmq/e1/status", status, TOPICS) == []
+    assert decode_message("spoolmq/e1/skipped", status, TOPICS) == []
+
+
+def test_a_refusal_by_the_backend_dead_letters_the_record():
+    items = decode_message(
+        TOPIC,
+        batch_body([good(1), good(2)]),
+        TOPICS,
+        lambda r: "no" if r.seq == 2 else None,
+    )
+
+    assert [type(i) for i in items] == [Record, DeadLetter]
+    assert items[1].seq == 2
