@@ -34,3 +34,22 @@ def broker_factory() -> Iterator[Callable[..., Broker]]:
             return new
 
         yield make
+
+
+# Imported beside the fixture it serves, so the fixtures above stay untouched.
+from tests.harness.daemons import DaemonSet  # noqa: E402
+
+
+@pytest.fixture
+def daemons() -> Iterator[DaemonSet]:
+    """Make daemon processes; any still running at teardown is killed.
+
+    ``daemons(name, argv, log_path)`` makes any command a Daemon;
+    ``daemons.spooler(config, workdir)`` and ``daemons.collector(...)`` make
+    the project's own. Each is returned unstarted.
+    """
+    made = DaemonSet()
+    try:
+        yield made
+    finally:
+        made.close()
