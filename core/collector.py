@@ -206,8 +206,14 @@ class Collector:
         self._cap_inflight(properties)
         self._log_connected(flags.session_present)
         self._publish_status(online=True)
-        self.announce_session = not flags.session_present
+        # A reconnect within one run means the link or the broker failed. A
+        # broker SIGKILLed and restarted from its last autosave still holds
+        # our session but forgot what it acked since, so that counts as a
+        # loss too: edges resend what is unconfirmed (at most W each).
+        self.announce_session = not flags.session_present or self.generation > 1
         self._apply(self.subscriptions.plan(flags.session_present))
+        if self.announce_session and self.subscribe_mid is None:
+            self._announce_session()
 
     def _cap_inflight(self, properties) -> None:
         # paho ignores the Receive Maximum a MQTT 5 CONNACK announces, and its
@@ -241,6 +247,7 @@ class Collector:
         if plan.unsubscribe:
             log.info("unsubscribing from %s", ", ".join(plan.unsubscribe))
             self.client.unsubscribe(plan.unsubscribe)
+        self.subscribe_mid = None
         if not plan.subscribe:
             return
         log.info("subscribing to %s", ", ".join(plan.subscribe))
