@@ -164,7 +164,8 @@ def as_plain(obj: Any) -> Any:
 
 def mask_url(text: str) -> str:
     """Hide the password of a URL such as postgresql://user:pw@host/db."""
-    return re.sub(r"(://[^:/@\s]+:)[^@/\s]+@", r"\1***@", text)
+    # The user part may be empty (postgresql://:pw@host/db is valid).
+    return re.sub(r"(://[^:/@\s]*:)[^@/\s]+@", r"\1***@", text)
 
 
 def dump_effective(obj: Any) -> str:

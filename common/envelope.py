@@ -108,6 +108,9 @@ def loads_strict(text: bytes | str) -> Any:
         return json.loads(text, parse_constant=_refuse_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise EnvelopeError(f"body is not JSON: {exc}") from None
+    except RecursionError:
+        # Deep nesting such as 100,000 '[' is valid input to refuse, not a crash.
+        raise EnvelopeError("body is JSON nested too deeply to read") from None
 
 
 def _refuse_constant(name: str):
@@ -221,6 +224,30 @@ def decode_receipt(data: bytes) -> dict[str, list[tuple[int, int]]]:
     if not isinstance(confirmed, dict):
         raise EnvelopeError("receipt lacks a 'confirmed' mapping")
     return {str(epoch): from_ranges(r) for epoch, r in confirmed.items()}
+
+
+MAX_SKIPPED_SEQS = 1_000_000
+
+
+def encode_skipped(epoch: str, stream: str, ranges, reason: str) -> bytes:
+    """Skipped body: {"epoch", "stream", "ranges": [[a, b], ...], "reason"}."""
+    body = {"epoch": epoch, "stream": stream,
+            "ranges": [[a, b] for a, b in ranges], "reason": reason}
+    return encode_json(body)
+
+
+def decode_skipped(data: bytes) -> dict:
+    """A skipped notice, validated; at most MAX_SKIPPED_SEQS ids in one."""
+    body = decode_json(data)
+    if not isinstance(body, dict):
+        raise EnvelopeError("skipped body must be a JSON object")
+    for key in ("epoch", "stream", "reason"):
+        if not isinstance(body.get(key), str) or not body[key]:
+            raise EnvelopeError(f"skipped notice lacks a string {key!r}")
+    ranges = from_ranges(body.get("ranges"))
+    if sum(b - a + 1 for a, b in ranges) > MAX_SKIPPED_SEQS:
+        raise EnvelopeError(f"skipped notice names over {MAX_SKIPPED_SEQS} ids")
+    return {**body, "ranges": ranges}
 
 
 def is_finite_json(value: Any) -> bool:

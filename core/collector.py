@@ -27,7 +27,7 @@ from common.exits import Exit
 from common.link import Backoff, connack_refused, make_client, prepare_connect
 from common.topics import Topics
 from core.config import CoreConfig, DatastoreConfig
-from core.datastore import Confirmed, Datastore, DeadLetter, Item
+from core.datastore import Confirmed, Datastore, DeadLetter, Item, Record
 from core.errors import DatastoreError
 from core.messages import decode_message
 from core.subscriptions import Plan, Subscriptions, wanted_topics
@@ -352,8 +352,9 @@ class Collector:
 
     def _count(self, messages: list[Received], items: list[Item]) -> None:
         letters = [item for item in items if isinstance(item, DeadLetter)]
+        records = [item for item in items if isinstance(item, Record)]
         self.totals["messages"] += len(messages)
-        self.totals["records"] += len(items) - len(letters)
+        self.totals["records"] += len(records)
         self.totals["dead_letters"] += len(letters)
         for letter in letters[:DEAD_LETTERS_LOGGED]:
             log.warning(

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 from common.config import mask_url
 from common.errors import ConfigError
 
-# edge_id -> epoch -> seqs now in records or dead_letters.
+# edge_id -> epoch -> seqs now in records, dead_letters or skipped.
 Confirmed = dict[str, dict[str, list[int]]]
 
 SCHEMES = ("sqlite", "postgresql")
@@ -63,7 +63,23 @@ class DeadLetter:
         return None not in (self.edge_id, self.epoch, self.seq)
 
 
-Item = Record | DeadLetter
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """Ids an edge gave up on (TTL, when-full policy, dead-lettered there).
+
+    Stored so that the core's accounting counts them apart from gaps, and
+    confirmed like records, so the edge stops reporting them.
+    """
+
+    edge_id: str
+    epoch: str
+    stream: str
+    first_seq: int
+    last_seq: int
+    reason: str
+
+
+Item = Record | DeadLetter | Skipped
 
 
 class Datastore(ABC):
@@ -123,7 +139,11 @@ def confirmed_ids(items: Sequence[Item]) -> Confirmed:
     for item in items:
         if isinstance(item, DeadLetter) and not item.identified:
             continue
-        found.setdefault(item.edge_id, {}).setdefault(item.epoch, set()).add(item.seq)
+        seqs = found.setdefault(item.edge_id, {}).setdefault(item.epoch, set())
+        if isinstance(item, Skipped):
+            seqs.update(range(item.first_seq, item.last_seq + 1))
+        else:
+            seqs.add(item.seq)
     return {
         edge_id: {epoch: sorted(seqs) for epoch, seqs in epochs.items()}
         for edge_id, epochs in found.items()

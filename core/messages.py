@@ -18,13 +18,14 @@ from common.envelope import (
     Batch,
     decode_batch,
     decode_json,
+    decode_skipped,
     is_finite_json,
     parse_time,
     record_problem,
 )
 from common.errors import EnvelopeError
 from common.topics import Topics, name_problem
-from core.datastore import DeadLetter, Item, Record
+from core.datastore import DeadLetter, Item, Record, Skipped
 
 log = logging.getLogger("core.messages")
 
@@ -60,7 +61,9 @@ def _decode(
         return [DeadLetter(topic, f"edge id in the topic {problem}", payload)]
     if kind == "data":
         return _decode_data(topic, payload, edge_id, stream, refusal)
-    if kind in ("skipped", "status"):
+    if kind == "skipped":
+        return _decode_skipped(topic, payload, edge_id)
+    if kind == "status":
         _note_edge_message(kind, edge_id, payload)
         return []
     return [DeadLetter(topic, f"no message kind {kind!r} is read", payload, edge_id)]
@@ -77,6 +80,25 @@ def _decode_data(
     if problem:
         return [DeadLetter(topic, problem, payload, edge_id)]
     return [_record_item(topic, batch, raw, refusal) for raw in batch.records]
+
+
+def _decode_skipped(topic: str, payload: bytes, edge_id: str) -> list[Item]:
+    try:
+        body = decode_skipped(payload)
+    except EnvelopeError as exc:
+        return [DeadLetter(topic, str(exc), payload, edge_id)]
+    for what in ("epoch", "stream"):
+        problem = name_problem(body[what])
+        if problem:
+            return [DeadLetter(topic, f"skipped {what} {problem}", payload, edge_id)]
+    if any(last > MAX_SEQ for _, last in body["ranges"]):
+        return [DeadLetter(topic, f"a skipped seq is larger than {MAX_SEQ}",
+                           payload, edge_id)]
+    log.info("edge %s skipped %d records of %s: %s", edge_id,
+             sum(b - a + 1 for a, b in body["ranges"]), body["stream"],
+             body["reason"])
+    return [Skipped(edge_id, body["epoch"], body["stream"], first, last,
+                    body["reason"][:500]) for first, last in body["ranges"]]
 
 
 def _batch_problem(batch: Batch, edge_id: str, stream: str) -> str | None:
@@ -157,8 +179,8 @@ def payload_text(value: Any) -> str:
 
 
 def _note_edge_message(kind: str, edge_id: str, payload: bytes) -> None:
-    # TODO: skipped and status messages are only logged until per-edge
-    # accounting (skipped counts and liveness in the edges table) is written.
+    # TODO: status messages are only logged until per-edge accounting
+    # (liveness in the edges table, shown by status) is written.
     try:
         body = decode_json(payload)
     except EnvelopeError as exc:

@@ -23,6 +23,7 @@ from core.datastore import (
     DeadLetter,
     Item,
     Record,
+    Skipped,
     confirmed_ids,
 )
 from core.errors import DatastoreError
@@ -79,6 +80,18 @@ MIGRATIONS = {
         value TEXT NOT NULL
     );
     """,
+    2: """
+    CREATE TABLE skipped (
+        edge_id TEXT NOT NULL,
+        epoch TEXT NOT NULL,
+        stream TEXT NOT NULL,
+        first_seq INTEGER NOT NULL,
+        last_seq INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        received_at TEXT NOT NULL,
+        PRIMARY KEY (edge_id, epoch, first_seq, last_seq)
+    );
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -89,6 +102,12 @@ INSERT INTO records (edge_id, epoch, seq, stream, created_at, clock_unsynced,
                      received_at, payload)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (edge_id, epoch, seq) DO NOTHING
+"""
+INSERT_SKIPPED = """
+INSERT INTO skipped (edge_id, epoch, stream, first_seq, last_seq, reason,
+                     received_at)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT DO NOTHING
 """
 INSERT_DEAD_LETTER = """
 INSERT INTO dead_letters (received_at, topic, edge_id, epoch, seq, reason, raw)
@@ -181,6 +200,9 @@ class SQLiteDatastore(Datastore):
                 stored = self._insert_records(records, stamp)
                 lettered = self._insert_dead_letters(letters, stamp)
                 self._update_edges(records, stored, lettered, stamp)
+                self.db.conn.executemany(INSERT_SKIPPED, [
+                    (i.edge_id, i.epoch, i.stream, i.first_seq, i.last_seq,
+                     i.reason, stamp) for i in items if isinstance(i, Skipped)])
         except sqlite3.Error as exc:
             raise DatastoreError(
                 self.url, f"commit failed: {exc}", exit_code=Exit.TEMPFAIL
@@ -325,7 +347,11 @@ def _migrate(db: Database, url: str) -> None:
         )
     for version in range(current + 1, SCHEMA_VERSION + 1):
         with db.atomic():
-            db.executescript(MIGRATIONS[version])
+            # One statement at a time: executescript() would COMMIT first and
+            # so apply the migration outside the transaction that records it.
+            for statement in MIGRATIONS[version].split(";"):
+                if statement.strip():
+                    db.execute(statement)
             db.execute(
                 "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
                 [version, format_time(time.time())],

@@ -12,7 +12,6 @@ table empties (SQLite reuses the largest rowid otherwise).
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import secrets
@@ -52,9 +51,31 @@ CREATE TABLE dead_letters (
     created_at REAL NOT NULL,
     reason TEXT NOT NULL,
     payload TEXT NOT NULL,
-    dead_at REAL NOT NULL
+    dead_at REAL NOT NULL,
+    UNIQUE (epoch, seq)
+);
+CREATE TABLE skipped (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    epoch TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    at REAL NOT NULL
 );
 """
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedRow:
+    """Ids given up on, to report to the core until a receipt covers them."""
+
+    id: int
+    epoch: str
+    stream: str
+    first_seq: int
+    last_seq: int
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +144,7 @@ class Outbox:
             conn = sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None
             )
-            conn.execute("PRAGMA journal_mode=WAL")
+            _set_wal(conn)
             conn.execute("PRAGMA synchronous=FULL")
         except (OSError, sqlite3.Error) as exc:
             raise OutboxError(
@@ -289,6 +310,48 @@ class Outbox:
             self.conn.executemany(
                 "DELETE FROM segments WHERE id = ?", [(i,) for i in ids])
 
+    # --- giving up on records ----------------------------------------------
+
+    def dead_letter(self, epoch: str, stream: str, records, reason: str) -> None:
+        """Keep records no broker will carry, and note them as skipped.
+
+        `records` are WireRecord-like (seq, created_at, payload). The skipped
+        rows are what the core is told, so its accounting stays exact.
+        """
+        now = time.time()
+        seqs = sorted(r.seq for r in records)
+        with self.transaction():
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO dead_letters (epoch, seq, stream, "
+                "created_at, reason, payload, dead_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(epoch, r.seq, stream, r.created_at, reason, r.payload, now)
+                 for r in records],
+            )
+            self._note_skipped(epoch, stream, seqs, f"dead-lettered: {reason}", now)
+
+    def _note_skipped(self, epoch, stream, seqs, reason, now) -> None:
+        rows = []
+        for seq in seqs:
+            if rows and rows[-1][3] == seq - 1:
+                rows[-1][3] = seq
+            else:
+                rows.append([epoch, stream, seq, seq, reason, now])
+        self.conn.executemany(
+            "INSERT INTO skipped (epoch, stream, first_seq, last_seq, reason, at) "
+            "VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def skipped_pending(self) -> list[SkippedRow]:
+        return [SkippedRow(*r) for r in self.conn.execute(
+            "SELECT id, epoch, stream, first_seq, last_seq, reason FROM skipped "
+            "ORDER BY id")]
+
+    def confirm_skipped(self, epoch: str, first: int, last: int) -> int:
+        """Forget skipped notices a receipt fully covers; returns how many."""
+        with self.transaction():
+            return self.conn.execute(
+                "DELETE FROM skipped WHERE epoch = ? AND first_seq >= ? "
+                "AND last_seq <= ?", (epoch, first, last)).rowcount
+
     def data_version(self) -> int:
         """Changes whenever another connection commits to the file."""
         return self.conn.execute("PRAGMA data_version").fetchone()[0]
@@ -310,6 +373,25 @@ class Outbox:
             "next_seq": int(next_seq),
             "dead_letters": dead,
         }
+
+
+def _set_wal(conn: sqlite3.Connection) -> None:
+    """Switch a file to WAL, waiting while another process creates it.
+
+    Changing the journal mode of a file that another connection is using
+    fails at once with "database is locked", without waiting for the busy
+    timeout. Two processes opening a new outbox together (the daemon and a `send`)
+    meet exactly that, so retry for as long as a busy transaction would wait.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.005)
 
 
 def _split(records: list[Record], max_records: int, max_bytes: int):
@@ -371,4 +453,3 @@ def _translate(exc: sqlite3.Error, path: Path) -> SpoolError:
     return SpoolError(f"outbox {path}: {text}")
 
 
-__all__ = ["Outbox", "Record", "RecordId", "SegmentRow", "decode_body", "errno"]

@@ -20,9 +20,21 @@ def clock_unsynced(ts: float) -> bool:
 
 
 def compact(value) -> str:
-    """Compact JSON text of a parsed value: no tab or newline survives."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False,
+    """Compact JSON text of a parsed value: no tab or newline survives.
+
+    ValueError for what JSON text in UTF-8 cannot carry: a float out of range
+    (`1e999` parses as inf) or a lone surrogate (`"\\ud800"` is no character).
+    """
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False,
                       allow_nan=False)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"a string holds a lone surrogate U+{ord(text[exc.start]):04X}, "
+                "which is not a Unicode character") from None
+    return text
 
 
 def parse_value(data: bytes, what: str = "input") -> str:
@@ -33,10 +45,7 @@ def parse_value(data: bytes, what: str = "input") -> str:
         raise RecordError(f"{what} is not valid UTF-8 (byte {exc.start})") from None
     if not text.strip():
         raise RecordError(f"{what} is empty")
-    try:
-        return compact(loads_strict(text))
-    except EnvelopeError as exc:
-        raise RecordError(f"{what} is not valid JSON: {_reason(exc)}") from None
+    return _parse(text, what)
 
 
 def parse_lines(data: bytes, what: str = "input") -> list[str]:
@@ -50,15 +59,19 @@ def parse_lines(data: bytes, what: str = "input") -> list[str]:
     for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
-        try:
-            out.append(compact(loads_strict(line)))
-        except EnvelopeError as exc:
-            raise RecordError(
-                f"{what} line {number} is not valid JSON: {_reason(exc)}"
-            ) from None
+        out.append(_parse(line, f"{what} line {number}"))
     if not out:
         raise RecordError(f"{what} holds no records")
     return out
+
+
+def _parse(text: str, what: str) -> str:
+    try:
+        return compact(loads_strict(text))
+    except EnvelopeError as exc:
+        raise RecordError(f"{what} is not valid JSON: {_reason(exc)}") from None
+    except ValueError as exc:  # parsed, but not JSON that UTF-8 text can carry
+        raise RecordError(f"{what} cannot be accepted: {exc}") from None
 
 
 def _reason(exc: Exception) -> str:

@@ -29,13 +29,14 @@ from common.envelope import (
     decode_receipt,
     encode_batch,
     encode_json,
+    encode_skipped,
     format_time,
 )
 from common.errors import EnvelopeError
 from common.link import Backoff, make_client, prepare_connect
 from common.topics import Topics
 from edge.config import EdgeConfig
-from edge.outbox import Outbox
+from edge.outbox import Outbox, SkippedRow
 from edge.spool import SpoolIntake
 from edge.state import write_state
 from edge.window import Chunk, Window
@@ -61,6 +62,8 @@ class Spooler:
                              pub.linger_ms / 1000, pub.resend_initial,
                              pub.resend_max)
         self.client = self._make_client()
+        self.skipped = SkippedReports(self.outbox, pub.resend_initial,
+                                      pub.resend_max)
         self.backoff = Backoff(cfg.broker)
         self.stopping = False
         self.connected = False
@@ -112,6 +115,7 @@ class Spooler:
         self.connected_since = time.time()
         self.backoff.reset()
         self._apply_connack_limits(properties)
+        self.skipped.all_due()
         log.info("connected to %s (session present: %s); %d records unconfirmed",
                  self.cfg.broker.address, flags.session_present,
                  self.window.unconfirmed)
@@ -176,6 +180,8 @@ class Spooler:
 
     def _confirm_on_disk(self, epoch: str, first: int, last: int) -> None:
         """A receipt for records not in memory: delete rows it fully covers."""
+        if self.skipped.rows and self.outbox.confirm_skipped(epoch, first, last):
+            self.skipped.reload()
         rows = self.outbox.segments_overlapping(epoch, first, last)
         covered = [i for i, f, n in rows if f >= first and f + n - 1 <= last
                    and i not in self.window.segments]
@@ -282,6 +288,7 @@ class Spooler:
     def _publish(self, now: float) -> None:
         if len(self.unacked) >= self.inflight_cap:
             return
+        self._report_skipped(now)
         for chunk in self.window.due_resends(now, paused=self.core_away):
             self._send(chunk, now)
         while self.connected and len(self.unacked) < self.inflight_cap:
@@ -315,14 +322,27 @@ class Spooler:
         self.published_total += len(records)
 
     def _dead_letter(self, chunk: Chunk, reason: str) -> None:
-        # TODO: records no broker accepts are only dropped from the window and
-        # logged; ends with the edge dead-letter table and the skipped topic.
+        """Move a record no broker will carry to the edge's dead letters."""
         seg, offsets = chunk.pieces[0]
-        log.error("record %s:%s:%d can never be sent (%s); dropping it",
-                  self.cfg.edge_id, chunk.epoch, seg.records[offsets[0]].seq, reason)
+        records = [seg.records[o] for o in offsets]
+        self.outbox.dead_letter(chunk.epoch, chunk.stream, records, reason)
+        log.error("dead-lettered record %s:%s:%d: %s", self.cfg.edge_id,
+                  chunk.epoch, records[0].seq, reason)
         if chunk.attempt == 0:
             seg.sent_upto = max(seg.sent_upto, offsets[-1] + 1)
         self.window.drop_offsets(seg, offsets)
+        self.skipped.reload()
+
+    def _report_skipped(self, now: float) -> None:
+        """Tell the core which ids were given up on, until it confirms."""
+        for row, attempt in self.skipped.due(now):
+            body = encode_skipped(row.epoch, row.stream,
+                                  [(row.first_seq, row.last_seq)], row.reason)
+            info = self.client.publish(self.topics.skipped(self.cfg.edge_id), body,
+                                       qos=1)
+            if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self.unacked.add(info.mid)
+            self.skipped.sent(row.id, now, attempt)
 
     # --- state and shutdown ----------------------------------------------
 
@@ -398,3 +418,30 @@ def _halves(chunk: Chunk) -> list[Chunk]:
     return out
 
 
+
+
+class SkippedReports:
+    """Skipped notices waiting for a receipt, each with a resend timer."""
+
+    def __init__(self, outbox: Outbox, initial: float, cap: float):
+        self.outbox = outbox
+        self.initial = initial
+        self.cap = cap
+        self.rows: dict[int, SkippedRow] = {}
+        self._timers: dict[int, tuple[float, int]] = {}  # id -> (due, attempt)
+        self.reload()
+
+    def reload(self) -> None:
+        self.rows = {r.id: r for r in self.outbox.skipped_pending()}
+        self._timers = {i: self._timers.get(i, (0.0, 0)) for i in self.rows}
+
+    def all_due(self) -> None:
+        self._timers = {i: (0.0, attempt) for i, (_, attempt) in self._timers.items()}
+
+    def due(self, now: float) -> list[tuple[SkippedRow, int]]:
+        return [(self.rows[i], attempt) for i, (at, attempt) in self._timers.items()
+                if at <= now]
+
+    def sent(self, row_id: int, now: float, attempt: int) -> None:
+        delay = min(self.cap, self.initial * 2**attempt)
+        self._timers[row_id] = (now + delay, attempt + 1)

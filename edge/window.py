@@ -169,6 +169,13 @@ class Window:
         delay = min(self.resend_max, self.resend_initial * 2 ** chunk.attempt)
         heapq.heappush(self._flights, Flight(now + delay, next(self._order),
                                              chunk.attempt, chunk.pieces))
+        # A confirmed flight stays in the heap until its timer runs out, and
+        # holds its segments' records in memory. Live flights are at most W
+        # (each holds an unconfirmed record), so past 2 W prune the dead ones:
+        # memory stays flat however fast records drain.
+        if len(self._flights) > 2 * max(self.limit, 64):
+            self._flights = [f for f in self._flights if f.pending()]
+            heapq.heapify(self._flights)
 
     def due_resends(self, now: float, paused: bool = False) -> list[Chunk]:
         """Flights whose timer ran out, as chunks to publish again."""

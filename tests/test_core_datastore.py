@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 
 from common.exits import Exit
-from core.datastore import DeadLetter, Record, open_datastore
+from core.datastore import DeadLetter, Record, Skipped, open_datastore
 from core.errors import DatastoreError
 from core.sqlite_store import SCHEMA_VERSION
 
@@ -118,7 +118,37 @@ def test_migrations_are_recorded_once_across_opens(url):
     open_datastore(url).close()
     open_datastore(url).close()
 
-    assert rows(url, "SELECT version FROM schema_migrations") == [(SCHEMA_VERSION,)]
+    versions = rows(url, "SELECT version FROM schema_migrations ORDER BY version")
+    assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
+
+
+def test_skipped_ids_are_stored_once_and_confirmed(store, url):
+    notice = Skipped("e1", "ep1", "s", 5, 7, "ttl expired")
+
+    assert store.store([notice]) == {"e1": {"ep1": [5, 6, 7]}}
+    assert store.store([notice]) == {"e1": {"ep1": [5, 6, 7]}}
+    assert rows(url, "SELECT first_seq, last_seq, reason FROM skipped") == [
+        (5, 7, "ttl expired")
+    ]
+
+
+def test_a_migration_that_fails_leaves_no_record_of_itself(url, monkeypatch):
+    import core.sqlite_store as sqlite_store
+
+    broken = dict(sqlite_store.MIGRATIONS)
+    broken[SCHEMA_VERSION + 1] = "CREATE TABLE t1 (a); CREATE TABLE t1 (a)"
+    monkeypatch.setattr(sqlite_store, "MIGRATIONS", broken)
+    monkeypatch.setattr(sqlite_store, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+
+    with pytest.raises(Exception):
+        open_datastore(url)
+
+    assert rows(url, "SELECT max(version) FROM schema_migrations") == [
+        (SCHEMA_VERSION,)
+    ]
+    assert rows(url, "SELECT count(*) FROM sqlite_master WHERE name = 't1'") == [
+        (0,)
+    ]
 
 
 def test_the_store_uses_wal_with_full_synchronous_commits(store):

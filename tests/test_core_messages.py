@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from common.envelope import WireRecord, encode_batch, wrap
+from common.envelope import WireRecord, encode_batch, encode_skipped, wrap
 from common.topics import Topics
-from core.datastore import DeadLetter, Record
+from core.datastore import DeadLetter, Record, Skipped
 from core.messages import decode_message
 
 TOPICS = Topics("spoolmq")
@@ -111,11 +111,30 @@ def test_a_lone_surrogate_in_a_payload_is_kept_as_an_escape():
     assert item.payload == '"\\ud800"'
 
 
-def test_status_and_skipped_messages_store_nothing_yet():
+def test_status_messages_store_nothing_yet():
     status = wrap(b'{"online":true}')
 
     assert decode_message("spoolmq/e1/status", status, TOPICS) == []
-    assert decode_message("spoolmq/e1/skipped", status, TOPICS) == []
+
+
+def test_a_skipped_notice_becomes_one_item_per_range():
+    body = encode_skipped("ep1", "s", [(3, 5), (9, 9)], "ttl expired")
+
+    items = decode_message("spoolmq/e1/skipped", body, TOPICS)
+
+    assert items == [
+        Skipped("e1", "ep1", "s", 3, 5, "ttl expired"),
+        Skipped("e1", "ep1", "s", 9, 9, "ttl expired"),
+    ]
+
+
+def test_a_malformed_skipped_notice_is_dead_lettered():
+    for body in (wrap(b'{"online":true}'), wrap(b'{"epoch":"ep1","stream":"s",'
+                 b'"reason":"x","ranges":[[5,2]]}'),
+                 encode_skipped("ep1", "s", [(1, 2_000_000)], "too many")):
+        (item,) = decode_message("spoolmq/e1/skipped", body, TOPICS)
+        assert isinstance(item, DeadLetter)
+        assert item.edge_id == "e1" and item.seq is None
 
 
 def test_a_refusal_by_the_backend_dead_letters_the_record():
