@@ -44,7 +44,8 @@ def make_parser(prog: str, description: str) -> Parser:
 def run_command(prog: str, handler: Callable[[argparse.Namespace], int],
                 args: argparse.Namespace) -> int:
     """Run a subcommand; any failure becomes one line and its exit code."""
-    setup_logging(args.verbose, args.log_format)
+    setup_logging(args.verbose, args.log_format,
+                  quiet=getattr(args, "command", None) != "run")
     try:
         return int(handler(args))
     except SpoolmqError as exc:

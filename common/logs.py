@@ -24,8 +24,12 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
-def setup_logging(verbose: int = 0, fmt: str = "text") -> None:
-    """Log to stderr at info (or debug with -v), as text or JSON lines."""
+def setup_logging(verbose: int = 0, fmt: str = "text", quiet: bool = False) -> None:
+    """Log to stderr at info (or debug with -v), as text or JSON lines.
+
+    One-shot commands pass quiet=True: they log warnings only, so that a
+    failure is the one line the command prints.
+    """
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -35,6 +39,7 @@ def setup_logging(verbose: int = 0, fmt: str = "text") -> None:
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    quiet_level = logging.WARNING if quiet else logging.INFO
+    root.setLevel(logging.DEBUG if verbose else quiet_level)
     if verbose < 2:
         logging.getLogger("paho").setLevel(logging.WARNING)

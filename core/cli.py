@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.error("no command given: use run, status or check")
-    setup_logging(args.verbose, args.log_format)
+    setup_logging(args.verbose, args.log_format, quiet=args.command != "run")
     try:
         return int(COMMANDS[args.command](args))
     except SpoolmqError as exc:

@@ -6,12 +6,13 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from common.cli import global_options, make_parser, run_command
 from common.config import config_path, dump_effective
 from common.exits import Exit
 from edge.config import EdgeConfig, load_edge_config
-from edge.errors import RecordError
+from edge.errors import RecordError, SpoolError
 from edge.outbox import Outbox
 from edge.records import parse_lines, parse_value
 from edge.state import pid_alive, read_state
@@ -60,6 +61,11 @@ def _read_input(args) -> bytes:
 
 def cmd_status(args) -> int:
     cfg = load(args)
+    if not Path(cfg.outbox.path).exists():
+        raise SpoolError(
+            f"outbox {cfg.outbox.path} does not exist yet: start the daemon "
+            "(edge-spooler run) or accept a record (edge-spooler send)",
+            exit_code=Exit.TEMPFAIL)
     outbox = Outbox(cfg.outbox.path, cfg.edge_id, create=False)
     try:
         summary = outbox.summary()
