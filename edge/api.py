@@ -54,6 +54,7 @@ class Producer:
             make_records(stream, payloads),
             segment_records=self.cfg.outbox.segment_records,
             segment_bytes=self.cfg.outbox.segment_bytes,
+            limits=self.cfg.limits(),
         )
 
     def _check_sizes(self, stream: str, payloads: list[str]) -> None:

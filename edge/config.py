@@ -5,24 +5,36 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from common.config import check_positive, load_dataclass, read_yaml
 from common.errors import ConfigError
 from common.link import BrokerConfig
 from common.topics import name_problem
+from edge.outbox import Limits
 
 # Host names a system ships with; an edge id must tell edges apart.
 FACTORY_HOSTNAMES = {"raspberrypi", "localhost", "debian", "ubuntu", "dietpi", "pi"}
 
 
+WHEN_FULL = ("reject", "drop_oldest")
+
+
 @dataclass(frozen=True)
 class OutboxConfig:
     path: str = "/var/lib/spoolmq/outbox.db"
+    # Limits of what waits (0: none). When reached, streams whose when_full
+    # is drop_oldest lose their oldest records first; the rest are refused.
+    max_records: int = 0
+    max_bytes: int = 1024**3
+    when_full: Literal["reject", "drop_oldest"] = "reject"
     # Records per outbox segment (one row); a receipt deletes whole segments.
     segment_records: int = 1000
     segment_bytes: int = 262144
 
     def validate(self, path: str) -> None:
+        check_positive(path, "max_records", self.max_records, zero_ok=True)
+        check_positive(path, "max_bytes", self.max_bytes, zero_ok=True)
         check_positive(path, "segment_records", self.segment_records)
         check_positive(path, "segment_bytes", self.segment_bytes)
 
@@ -85,6 +97,13 @@ class IntakeConfig:
 
 
 @dataclass(frozen=True)
+class StreamConfig:
+    """Per-stream settings, under `streams:` keyed by stream name."""
+
+    when_full: Literal["reject", "drop_oldest"] | None = None  # outbox's
+
+
+@dataclass(frozen=True)
 class EdgeConfig:
     edge_id: str = ""
     broker: BrokerConfig = field(default_factory=BrokerConfig)
@@ -93,6 +112,23 @@ class EdgeConfig:
     topic_prefix: str = "spoolmq"
     publish: PublishConfig = field(default_factory=PublishConfig)
     intake: IntakeConfig = field(default_factory=IntakeConfig)
+    streams: dict[str, StreamConfig] = field(default_factory=dict)
+
+    def when_full(self, stream: str) -> str:
+        override = self.streams.get(stream)
+        if override is not None and override.when_full:
+            return override.when_full
+        return self.outbox.when_full
+
+    def limits(self) -> Limits:
+        """The outbox limits, and which known streams may be dropped."""
+        # Streams without an override (those only `send` uses, say) follow
+        # the outbox's when_full.
+        default_drop = self.outbox.when_full == "drop_oldest"
+        flip = {name for name, sc in self.streams.items()
+                if sc.when_full and (sc.when_full == "drop_oldest") != default_drop}
+        return Limits(self.outbox.max_records, self.outbox.max_bytes,
+                      default_drop, frozenset(flip))
 
     def validate(self, path: str) -> None:
         edge_id = self.edge_id or socket.gethostname()
@@ -110,6 +146,10 @@ class EdgeConfig:
         for part in self.topic_prefix.split("/"):
             if name_problem(part):
                 raise ConfigError("topic_prefix", f"{self.topic_prefix!r} is invalid")
+        for name in self.streams:
+            problem = name_problem(name)
+            if problem:
+                raise ConfigError(f"streams.{name}", f"stream name {name!r} {problem}")
         dirs = [str(Path(s.dir).resolve()) for s in self.spool]
         for i, d in enumerate(dirs):
             if d in dirs[:i]:

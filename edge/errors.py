@@ -24,3 +24,7 @@ class OutboxBusy(SpoolError):
     """The outbox is locked or the disk is full: try again later."""
 
     exit_code = Exit.TEMPFAIL
+
+
+class OutboxFull(OutboxBusy):
+    """The outbox reached its limits and may not drop what is waiting."""

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from common.exits import Exit
-from edge.errors import OutboxBusy, OutboxError, SpoolError
+from edge.errors import OutboxBusy, OutboxError, OutboxFull, SpoolError
 
 log = logging.getLogger("edge.outbox")
 
@@ -64,6 +64,47 @@ CREATE TABLE skipped (
     at REAL NOT NULL
 );
 """
+
+# Totals of what waits, kept by triggers in `meta` so that every path that
+# adds or removes segments keeps them right and no check scans the table.
+_TRIGGERS_V1 = (
+    """CREATE TRIGGER segments_added AFTER INSERT ON segments BEGIN
+        UPDATE meta SET value = CAST(value AS INTEGER) + NEW.count
+            WHERE key = 'records';
+        UPDATE meta SET value = CAST(value AS INTEGER) + NEW.bytes
+            WHERE key = 'bytes';
+    END""",
+    """CREATE TRIGGER segments_removed AFTER DELETE ON segments BEGIN
+        UPDATE meta SET value = CAST(value AS INTEGER) - OLD.count
+            WHERE key = 'records';
+        UPDATE meta SET value = CAST(value AS INTEGER) - OLD.bytes
+            WHERE key = 'bytes';
+    END""",
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How full the outbox may get, and which streams make room when it is."""
+
+    max_records: int = 0  # 0: no limit
+    max_bytes: int = 0
+    default_drop: bool = False  # when_full of streams not named in `flip`
+    flip: frozenset[str] = frozenset()  # streams whose when_full is the other
+
+    @property
+    def can_drop(self) -> bool:
+        return self.default_drop or bool(self.flip)
+
+    def drop_clause(self) -> tuple[str, list[str]]:
+        """SQL condition on `stream` selecting droppable segments."""
+        marks = ",".join("?" * len(self.flip)) or "NULL"
+        op = "NOT IN" if self.default_drop else "IN"
+        return f"stream {op} ({marks})", sorted(self.flip)
+
+    def over(self, records: int, bytes_: int) -> bool:
+        return (bool(self.max_records) and records > self.max_records) or (
+            bool(self.max_bytes) and bytes_ > self.max_bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +174,7 @@ class Outbox:
         self.edge_id = edge_id
         self.conn = self._connect(create)
         self.epoch = self._open_identity()
+        self.dropped = 0  # records dropped to make room, by this process
 
     # --- opening -------------------------------------------------------
 
@@ -191,6 +233,8 @@ class Outbox:
         for statement in _SCHEMA_V1.split(";"):
             if statement.strip():
                 self.conn.execute(statement)
+        for trigger in _TRIGGERS_V1:
+            self.conn.execute(trigger)
         epoch = secrets.token_hex(8)
         self.conn.executemany(
             "INSERT INTO meta (key, value) VALUES (?, ?)",
@@ -199,6 +243,8 @@ class Outbox:
                 ("edge_id", self.edge_id),
                 ("epoch", epoch),
                 ("next_seq", "1"),
+                ("records", "0"),
+                ("bytes", "0"),
                 ("created_at", f"{time.time():.3f}"),
             ],
         )
@@ -223,9 +269,17 @@ class Outbox:
         forget_claims: Iterable[str] = (),
         segment_records: int = 1000,
         segment_bytes: int = 262144,
+        limits: Limits | None = None,
     ) -> list[RecordId]:
-        """Commit records (and the spool claims they came from) in one go."""
+        """Commit records (and the spool claims they came from) in one go.
+
+        With `limits`, a full outbox first drops the oldest segments of the
+        droppable streams; if that does not make room, OutboxFull is raised
+        and nothing is accepted.
+        """
         with self.transaction():
+            if limits is not None:
+                self._make_room(records, limits)
             first = self._take_seqs(len(records))
             ids = [RecordId(self.edge_id, self.epoch, first + i)
                    for i in range(len(records))]
@@ -238,6 +292,65 @@ class Outbox:
                 "DELETE FROM claims WHERE claim = ?", [(c,) for c in forget_claims]
             )
         return ids
+
+    def totals(self) -> tuple[int, int]:
+        """(records, bytes) waiting, from the counters the triggers keep."""
+        values = dict(self.conn.execute(
+            "SELECT key, CAST(value AS INTEGER) FROM meta "
+            "WHERE key IN ('records', 'bytes')"))
+        return values["records"], values["bytes"]
+
+    def is_full(self, limits: Limits) -> bool:
+        """True when nothing more fits and no droppable stream can make room."""
+        records, bytes_ = self.totals()
+        return limits.over(records + 1, bytes_ + 1) and not limits.can_drop
+
+    def _make_room(self, records: list[Record], limits: Limits) -> None:
+        have_records, have_bytes = self.totals()
+        need_records = len(records)
+        need_bytes = sum(len(r.payload) + 20 for r in records)
+        if not limits.over(have_records + need_records, have_bytes + need_bytes):
+            return
+        dropped = self._drop_oldest(limits, have_records + need_records,
+                                    have_bytes + need_bytes)
+        left_records, left_bytes = self.totals()
+        if limits.over(left_records + need_records, left_bytes + need_bytes):
+            streams = ", ".join(sorted({r.stream for r in records}))
+            raise OutboxFull(
+                f"outbox {self.path} is full ({have_records} records, "
+                f"{have_bytes} bytes; limits {limits.max_records or '-'} records, "
+                f"{limits.max_bytes or '-'} bytes): records of {streams} are "
+                "refused; retry once the link drains the outbox")
+        if dropped:
+            self.dropped += dropped
+            log.warning("outbox full: dropped the %d oldest records of droppable "
+                        "streams to make room", dropped)
+
+    def _drop_oldest(self, limits: Limits, records: int, bytes_: int) -> int:
+        """Delete oldest droppable segments until within limits; report them."""
+        if not limits.can_drop:
+            return 0
+        where, params = limits.drop_clause()
+        dropped, now = 0, time.time()
+        cursor = self.conn.execute(
+            f"SELECT id, epoch, stream, first_seq, count, bytes FROM segments "
+            f"WHERE {where} ORDER BY id", params)
+        victims = []
+        for seg_id, epoch, stream, first_seq, count, size in cursor:
+            if not limits.over(records, bytes_):
+                break
+            victims.append((seg_id, epoch, stream, first_seq, count))
+            records, bytes_ = records - count, bytes_ - size
+        cursor.close()
+        for seg_id, epoch, stream, first_seq, count in victims:
+            self.conn.execute("DELETE FROM segments WHERE id = ?", (seg_id,))
+            self.conn.execute(
+                "INSERT INTO skipped (epoch, stream, first_seq, last_seq, reason, "
+                "at) VALUES (?, ?, ?, ?, ?, ?)",
+                (epoch, stream, first_seq, first_seq + count - 1,
+                 "outbox full: dropped oldest (when_full: drop_oldest)", now))
+            dropped += count
+        return dropped
 
     def _take_seqs(self, n: int) -> int:
         row = self.conn.execute(

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge.config import IntakeConfig, OutboxConfig, SpoolConfig
-from edge.errors import RecordError, SpoolError
-from edge.outbox import Outbox, Record
+from edge.errors import OutboxBusy, OutboxFull, RecordError, SpoolError
+from edge.outbox import Limits, Outbox, Record
 from edge.records import clock_unsynced, parse_lines, parse_value
 
 log = logging.getLogger("edge.spool")
@@ -64,8 +64,11 @@ class SpoolIntake:
         spools: list[SpoolConfig],
         outbox_cfg: OutboxConfig,
         intake_cfg: IntakeConfig,
+        limits: Limits | None = None,
     ):
         self.outbox = outbox
+        self.limits = limits
+        self._stranded: list[Claim] = []  # claimed, refused, name since taken
         self.spools = spools
         self.outbox_cfg = outbox_cfg
         self.intake_cfg = intake_cfg
@@ -114,8 +117,14 @@ class SpoolIntake:
     # --- scanning ------------------------------------------------------
 
     def scan(self) -> int:
-        """Take what is waiting in the spool dirs; returns records accepted."""
-        claims = []
+        """Take what is waiting in the spool dirs; returns records accepted.
+
+        Raises OutboxBusy (full, disk full, locked): the files it had claimed
+        are back under their names, so producers see them wait.
+        """
+        if self.limits is not None and self.outbox.is_full(self.limits):
+            raise OutboxFull(f"outbox {self.outbox.path} is full; spool files wait")
+        claims, self._stranded = self._stranded, []
         for spool in self.spools:
             claims.extend(self._claim_new(spool, self.intake_cfg.batch_files -
                                           len(claims)))
@@ -152,19 +161,28 @@ class SpoolIntake:
         """Parse claimed files, commit their records, remove the files."""
         before = self.accepted
         records, good, size = [], [], 0
-        for claim in claims:
-            if len(records) >= MAX_BATCH_RECORDS or size >= MAX_BATCH_BYTES:
-                self._commit(records, good)
-                records, good, size = [], [], 0
+        for i, claim in enumerate(claims):
             try:
-                taken = self._read(claim)
-            except RecordError as exc:
-                self._quarantine(claim, str(exc))
-                continue
+                if len(records) >= MAX_BATCH_RECORDS or size >= MAX_BATCH_BYTES:
+                    self._commit(records, good)
+                    records, good, size = [], [], 0
+                try:
+                    taken = self._read(claim)
+                except RecordError as exc:
+                    self._quarantine(claim, str(exc))
+                    continue
+            except OutboxBusy:
+                # Nothing of `good` nor from here on was committed.
+                self._unclaim(good + claims[i:])
+                raise
             records.extend(taken)
             size += sum(len(r.payload) for r in taken)
             good.append(claim)
-        self._commit(records, good)
+        try:
+            self._commit(records, good)
+        except OutboxBusy:
+            self._unclaim(good)
+            raise
         return self.accepted - before
 
     def _commit(self, records: list[Record], claims: list[Claim]) -> None:
@@ -176,11 +194,31 @@ class SpoolIntake:
             forget_claims=self._removed,
             segment_records=self.outbox_cfg.segment_records,
             segment_bytes=self.outbox_cfg.segment_bytes,
+            limits=self.limits,
         )
         self._removed = []
         self.accepted += len(records)
         log.debug("accepted %d records from %d files", len(records), len(claims))
         self._remove(claims)
+
+    def _unclaim(self, claims: list[Claim]) -> None:
+        """Put refused files back under their own names, never over a new one."""
+        dirs = set()
+        for claim in claims:
+            target = Path(claim.spool.dir, claim.name)
+            if not os.path.lexists(claim.path):
+                continue
+            try:
+                os.link(claim.path, target)
+                os.unlink(claim.path)
+                dirs.update((target.parent, claim.path.parent))
+            except FileExistsError:
+                self._stranded.append(claim)  # taken again at the next scan
+            except OSError as exc:
+                log.warning("cannot put %s back: %s; it stays claimed", claim.name, exc)
+                self._stranded.append(claim)
+        for d in dirs:
+            _fsync_dir(d)
 
     def _remove(self, claims: list[Claim]) -> None:
         dirs = set()
@@ -237,13 +275,18 @@ class SpoolIntake:
         """Move a file that cannot be taken to DIR/.failed/ with a reason."""
         failed = Path(claim.spool.dir, FAILED_DIR)
         target = _unique(failed, claim.name)
-        os.rename(claim.path, target)
         reason_path = target.with_name(target.name + ".reason")
-        with open(reason_path, "w", encoding="utf-8") as f:
-            f.write(reason + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(failed)
+        try:
+            # The reason first: a full disk then leaves the file where it was.
+            with open(reason_path, "w", encoding="utf-8") as f:
+                f.write(reason + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(claim.path, target)
+            _fsync_dir(failed)
+        except OSError as exc:
+            reason_path.unlink(missing_ok=True)
+            raise OutboxBusy(f"cannot quarantine {claim.name}: {exc}") from None
         self.quarantined += 1
         log.warning("quarantined %s: %s", target, reason)
 

@@ -36,6 +36,7 @@ from common.errors import EnvelopeError
 from common.link import Backoff, make_client, prepare_connect
 from common.topics import Topics
 from edge.config import EdgeConfig
+from edge.errors import OutboxBusy, SpoolError
 from edge.outbox import Outbox, SkippedRow
 from edge.spool import SpoolIntake
 from edge.state import write_state
@@ -44,6 +45,7 @@ from edge.window import Chunk, Window
 log = logging.getLogger("edge.spooler")
 
 STATE_EVERY_S = 2.0
+INTAKE_RETRY_S = 2.0
 # Messages published and not yet PUBACKed, at most, when the broker names no
 # Receive Maximum (3.1.1 never does). Keeps paho's own queue small.
 DEFAULT_INFLIGHT = 100
@@ -56,7 +58,9 @@ class Spooler:
         self.cfg = cfg
         self.topics = Topics(cfg.topic_prefix)
         self.outbox = Outbox(cfg.outbox.path, cfg.edge_id)
-        self.intake = SpoolIntake(self.outbox, cfg.spool, cfg.outbox, cfg.intake)
+        self.intake = SpoolIntake(self.outbox, cfg.spool, cfg.outbox, cfg.intake,
+                                  cfg.limits())
+        self.intake_blocked: str | None = None
         pub = cfg.publish
         self.window = Window(pub.window, pub.batch_records, pub.batch_bytes,
                              pub.linger_ms / 1000, pub.resend_initial,
@@ -74,6 +78,7 @@ class Spooler:
         self.next_scan = 0.0
         self.data_version = -1
         self._maybe_more = True
+        self._dropped_seen = 0
         self.core_session: str | None = None
         self.core_status: dict[str, bool] = {}
         self.last_receipt: float | None = None
@@ -164,7 +169,7 @@ class Spooler:
             if msg.topic == self.topics.receipt(self.cfg.edge_id):
                 self._on_receipt(msg.payload)
             elif msg.topic == self.topics.core_session():
-                self._on_core_session(msg.payload)
+                self._on_core_session(msg.payload, msg.retain)
             else:
                 self._on_core_status(msg.topic, msg.payload)
         except EnvelopeError as exc:
@@ -190,12 +195,15 @@ class Spooler:
         # outbox keeps per-record confirmation marks.
         self.window.done.extend(covered)
 
-    def _on_core_session(self, payload: bytes) -> None:
+    def _on_core_session(self, payload: bytes, retained: bool = True) -> None:
         body = decode_json(payload)
         session = body.get("session") if isinstance(body, dict) else None
         if not session or session == self.core_session:
             return
-        if self.core_session is not None:
+        # A live (not retained) announcement is a collector starting on a
+        # fresh broker session now: what we published before it subscribed
+        # went nowhere, even when this is the first session we hear of.
+        if self.core_session is not None or not retained:
             n = self.window.resend_all(time.monotonic())
             log.warning("the core started a new broker session (%s): messages "
                         "may have been lost on the way; resending %d records",
@@ -219,7 +227,11 @@ class Spooler:
 
     def run(self) -> None:
         self._install_signals()
-        self.intake.prepare()
+        try:
+            self.intake.prepare()
+        except OutboxBusy as exc:
+            log.warning("intake paused at start: %s", exc)
+            self.intake_blocked = str(exc)
         log.info("edge %s started: outbox %s (epoch %s), %d spool dirs, broker "
                  "%s, window %d", self.cfg.edge_id, self.cfg.outbox.path,
                  self.outbox.epoch, len(self.cfg.spool),
@@ -234,16 +246,41 @@ class Spooler:
             self._connect()
         self._network(0.05)
         if now >= self.next_scan:
-            taken = self.intake.scan()
-            self._maybe_more = self._maybe_more or taken > 0
-            # A full batch means more is waiting: scan again at once.
-            busy = taken >= self.cfg.intake.batch_files
-            self.next_scan = now + (0 if busy else self.cfg.intake.scan_interval)
+            self._scan(now)
         self._load()
         if self.connected:
             self._publish(time.monotonic())
-        self.outbox.delete_segments(self.window.take_done())
+        self._forget_confirmed()
         self._write_state()
+
+    def _scan(self, now: float) -> None:
+        try:
+            taken = self.intake.scan()
+        except OutboxBusy as exc:
+            # Full outbox or full disk: files wait in the spool, and intake
+            # tries again by itself; logged once per spell, not per scan.
+            if self.intake_blocked is None:
+                log.warning("intake paused: %s", exc)
+            self.intake_blocked = str(exc)
+            self.next_scan = now + INTAKE_RETRY_S
+            return
+        if self.intake_blocked is not None:
+            log.info("intake resumed")
+            self.intake_blocked = None
+        self._maybe_more = self._maybe_more or taken > 0
+        # A full batch means more is waiting: scan again at once.
+        busy = taken >= self.cfg.intake.batch_files
+        self.next_scan = now + (0 if busy else self.cfg.intake.scan_interval)
+
+    def _forget_confirmed(self) -> None:
+        """Delete fully confirmed segments; on a full disk, keep trying."""
+        done = self.window.take_done()
+        try:
+            self.outbox.delete_segments(done)
+        except SpoolError as exc:
+            # They stay out of the window, so they are not sent again.
+            self.window.done.extend(done)
+            log.warning("cannot delete %d confirmed segments yet: %s", len(done), exc)
 
     def _connect(self) -> None:
         try:
@@ -273,13 +310,17 @@ class Spooler:
         producer's `send`) committed, our own intake did, or the last load
         stopped at the limit.
         """
-        wants = self.window.wants()
-        if wants <= 0:
-            return
         version = self.outbox.data_version()
-        if version == self.data_version and not self._maybe_more:
+        if version != self.data_version or self.outbox.dropped != self._dropped_seen:
+            # Something was committed; another process may have dropped
+            # records (a full outbox), whose skipped notices are ours to send.
+            self.data_version = version
+            self._dropped_seen = self.outbox.dropped
+            self._maybe_more = True
+            self.skipped.reload()
+        wants = self.window.wants()
+        if wants <= 0 or not self._maybe_more:
             return
-        self.data_version = version
         rows = self.outbox.segments_after(self.window.last_id, wants)
         self._maybe_more = sum(r.count for r in rows) >= wants
         if rows:
@@ -365,6 +406,8 @@ class Spooler:
             "accepted_from_spool": self.intake.accepted,
             "quarantined": self.intake.quarantined,
             "core_away": self.core_away,
+            "intake_blocked": self.intake_blocked,
+            "dropped": self.outbox.dropped,
         }
 
     def _write_state(self, force: bool = False) -> None:
@@ -375,7 +418,11 @@ class Spooler:
         if state == self._state_last and not force:
             return
         state["updated_at"] = time.time()
-        write_state(self.cfg.outbox.status_path, state)
+        try:
+            write_state(self.cfg.outbox.status_path, state)
+        except OSError as exc:
+            log.debug("state file not written: %s", exc)
+            return
         state.pop("updated_at")
         self._state_last = state
         self._state_written = now
