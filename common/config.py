@@ -33,7 +33,7 @@ def read_yaml(path: str | os.PathLike) -> dict:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError("", f"cannot read config file {path}: {exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - safe loader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -44,6 +44,24 @@ def read_yaml(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         raise ConfigError("", f"{path} must hold a mapping of keys, not {_kind(data)}")
     return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping.
+
+    Plain YAML keeps the last one silently, so a typo'd copy of a section
+    would quietly replace the real one.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_dataclass(cls: type, data: Any, path: str = "") -> Any:
@@ -165,7 +183,8 @@ def as_plain(obj: Any) -> Any:
 def mask_url(text: str) -> str:
     """Hide the password of a URL such as postgresql://user:pw@host/db."""
     # The user part may be empty (postgresql://:pw@host/db is valid).
-    return re.sub(r"(://[^:/@\s]*:)[^@/\s]+@", r"\1***@", text)
+    # Up to the last "@": a password may itself hold "@" or "/".
+    return re.sub(r"(://[^:/@\s]*:)\S*@", r"\1***@", text)
 
 
 def dump_effective(obj: Any) -> str:

@@ -16,11 +16,11 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from common.topics import name_problem
-from common.envelope import batch_overhead
 from edge.config import EdgeConfig, load_edge_config
 from edge.errors import RecordError
 from edge.outbox import Outbox, RecordId
-from edge.records import compact, make_records
+from common.envelope import loads_strict
+from edge.records import MAX_DEPTH, compact, make_records, nesting_depth
 
 
 class Producer:
@@ -40,6 +40,10 @@ class Producer:
             payloads = [compact(v) for v in values]
         except (TypeError, ValueError) as exc:
             raise RecordError(f"value is not JSON-serialisable: {exc}") from None
+        for p in payloads:
+            if p.count("[") + p.count("{") > MAX_DEPTH and nesting_depth(
+                    loads_strict(p)) > MAX_DEPTH:
+                raise RecordError(f"a value nests deeper than {MAX_DEPTH} levels")
         return self.send_json(stream, payloads)
 
     def send_json(self, stream: str, payloads: list[str]) -> list[RecordId]:
@@ -58,8 +62,7 @@ class Producer:
         )
 
     def _check_sizes(self, stream: str, payloads: list[str]) -> None:
-        limit = self.cfg.broker.max_message_bytes - 512 - batch_overhead(
-            self.cfg.edge_id, self.outbox.epoch, stream)
+        limit = self.cfg.max_record_bytes
         for i, p in enumerate(payloads):
             size = len(p.encode())
             if size > limit:

@@ -1,4 +1,4 @@
-"""The `edge-spooler` command: run, send, status, check."""
+"""The `edge-spooler` command: run, send, status, check, dead-letters, quarantine."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from pathlib import Path
 
 from common.cli import global_options, make_parser, run_command
 from common.config import config_path, dump_effective
+from common.envelope import format_time
 from common.exits import Exit
+from edge import operator as ops
 from edge.config import EdgeConfig, load_edge_config
 from edge.errors import RecordError, SpoolError
 from edge.outbox import Outbox
@@ -166,8 +168,216 @@ def build_parser():
     p = sub.add_parser("check", parents=[common],
                        help="validate the config and print the effective one")
     p.set_defaults(handler=cmd_check)
+    _add_dead_letter_commands(sub, common)
+    _add_quarantine_commands(sub, common)
     return parser
 
+
+# --- dead letters and quarantine: the operator's tools (edge/operator.py) ----
+
+
+def cmd_dead_letters_list(args) -> int:
+    cfg = load(args)
+    outbox = Outbox(cfg.outbox.path, cfg.edge_id, create=False)
+    try:
+        letters = ops.list_dead_letters(outbox)
+    finally:
+        outbox.close()
+    if args.json:
+        print(json.dumps([_dead_letter_json(cfg, d) for d in letters], indent=2))
+        return Exit.OK
+    if letters:
+        print(
+            f"{'ID':>6}  {'RECORD':27} {'STREAM':16} {'DEAD AT':24} "
+            f"{'BYTES':>8}  REASON"
+        )
+    for d in letters:
+        print(
+            f"{d.id:>6}  {f'{d.epoch}:{d.seq}':27} {d.stream:16} "
+            f"{format_time(d.dead_at):24} {d.payload_bytes:>8}  {d.reason}"
+        )
+    print(f"{len(letters)} dead letters")
+    return Exit.OK
+
+
+def _dead_letter_json(cfg: EdgeConfig, d) -> dict:
+    return {
+        "id": d.id,
+        "record_id": f"{cfg.edge_id}:{d.epoch}:{d.seq}",
+        "epoch": d.epoch,
+        "seq": d.seq,
+        "stream": d.stream,
+        "reason": d.reason,
+        "dead_at": format_time(d.dead_at),
+        "payload_bytes": d.payload_bytes,
+    }
+
+
+def cmd_dead_letters_requeue(args) -> int:
+    cfg = load(args)
+    outbox = Outbox(cfg.outbox.path, cfg.edge_id, create=False)
+    try:
+        records, segments = ops.requeue_dead_letters(
+            outbox,
+            None if args.all else args.ids,
+            segment_records=cfg.outbox.segment_records,
+            segment_bytes=cfg.outbox.segment_bytes,
+        )
+    finally:
+        outbox.close()
+    print(
+        f"requeued {records} dead letters into the outbox ({segments} "
+        "segments), each under its original id"
+    )
+    return Exit.OK
+
+
+def cmd_dead_letters_purge(args) -> int:
+    cfg = load(args)
+    outbox = Outbox(cfg.outbox.path, cfg.edge_id, create=False)
+    try:
+        count = ops.purge_dead_letters(outbox, None if args.all else args.ids)
+    finally:
+        outbox.close()
+    print(f"purged {count} dead letters")
+    return Exit.OK
+
+
+def cmd_quarantine_list(args) -> int:
+    items = ops.list_quarantined(load(args).spool)
+    if args.json:
+        print(json.dumps([_quarantined_json(q) for q in items], indent=2))
+        return Exit.OK
+    for q in items:
+        print(
+            f"{q.path}  ({q.spool.stream}, {q.size} bytes): "
+            f"{q.reason or 'no reason file'}"
+        )
+    print(f"{len(items)} quarantined files")
+    return Exit.OK
+
+
+def _quarantined_json(q) -> dict:
+    return {
+        "name": q.name,
+        "path": str(q.path),
+        "dir": q.spool.dir,
+        "stream": q.spool.stream,
+        "bytes": q.size,
+        "reason": q.reason,
+    }
+
+
+def cmd_quarantine_requeue(args) -> int:
+    moved = ops.requeue_quarantined(_chosen_quarantined(args))
+    for item, target in moved:
+        print(f"{item.path} -> {target}")
+    print(f"requeued {len(moved)} quarantined files")
+    return Exit.OK
+
+
+def cmd_quarantine_purge(args) -> int:
+    count = ops.purge_quarantined(_chosen_quarantined(args))
+    print(f"purged {count} quarantined files")
+    return Exit.OK
+
+
+def _chosen_quarantined(args) -> list:
+    # argparse cannot make a '*' positional exclusive with an option.
+    if args.all == bool(args.names):
+        raise SpoolError(
+            f"quarantine {args.action}: give --all or at least one NAME, not both; "
+            f"see {PROG} quarantine {args.action} --help",
+            exit_code=Exit.USAGE,
+        )
+    spools = load(args).spool
+    if args.all:
+        return ops.list_quarantined(spools)
+    return ops.find_quarantined(spools, args.names)
+
+
+def _add_dead_letter_commands(sub, common) -> None:
+    group = sub.add_parser(
+        "dead-letters",
+        help="list, requeue or purge the records no broker carried",
+        description="Records no broker would carry wait in the outbox's "
+        "dead_letters table; the core was told they were skipped.",
+    )
+    actions = group.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = actions.add_parser(
+        "list",
+        parents=[common],
+        help="list dead letters: id, record, stream, reason, size",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print a JSON array, one object per dead letter",
+    )
+    p.set_defaults(handler=cmd_dead_letters_list)
+    for name, handler, text in (
+        (
+            "requeue",
+            cmd_dead_letters_requeue,
+            "put dead letters back into the outbox under their original ids",
+        ),
+        ("purge", cmd_dead_letters_purge, "delete dead letters for good"),
+    ):
+        p = actions.add_parser(name, parents=[common], help=text)
+        which = p.add_mutually_exclusive_group(required=True)
+        which.add_argument(
+            "--all", action="store_true", help=f"{name} every dead letter"
+        )
+        which.add_argument(
+            "--id",
+            dest="ids",
+            type=int,
+            nargs="+",
+            action="extend",
+            metavar="N",
+            help=f"{name} the dead letters with these "
+            "ids (as list shows them); exit 65 if one is unknown",
+        )
+        p.set_defaults(handler=handler)
+
+
+def _add_quarantine_commands(sub, common) -> None:
+    group = sub.add_parser(
+        "quarantine",
+        help="list, requeue or purge the spool files put in .failed/",
+        description="Spool files the daemon could not take wait in "
+        "DIR/.failed/, each with NAME.reason beside it.",
+    )
+    actions = group.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = actions.add_parser(
+        "list",
+        parents=[common],
+        help="list quarantined files with their size and reason",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print a JSON array, one object per file"
+    )
+    p.set_defaults(handler=cmd_quarantine_list)
+    for name, handler, text in (
+        (
+            "requeue",
+            cmd_quarantine_requeue,
+            "move files back into their spool dir, never over a producer's file",
+        ),
+        ("purge", cmd_quarantine_purge, "delete files and their reasons for good"),
+    ):
+        p = actions.add_parser(name, parents=[common], help=text)
+        p.add_argument(
+            "--all", action="store_true", help=f"{name} every quarantined file"
+        )
+        p.add_argument(
+            "names",
+            nargs="*",
+            metavar="NAME",
+            help=f"{name} these files, by name or path (as list shows "
+            "them); exit 65 if one is unknown",
+        )
+        p.set_defaults(handler=handler)
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)

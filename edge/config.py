@@ -114,6 +114,15 @@ class EdgeConfig:
     intake: IntakeConfig = field(default_factory=IntakeConfig)
     streams: dict[str, StreamConfig] = field(default_factory=dict)
 
+    @property
+    def max_record_bytes(self) -> int:
+        """The largest payload that fits one message the broker accepts.
+
+        1 KiB covers the envelope: header, edge id, epoch, a stream name of
+        64 characters and one record's seq, time and flag.
+        """
+        return self.broker.max_message_bytes - 1024
+
     def when_full(self, stream: str) -> str:
         override = self.streams.get(stream)
         if override is not None and override.when_full:
@@ -132,7 +141,7 @@ class EdgeConfig:
 
     def validate(self, path: str) -> None:
         edge_id = self.edge_id or socket.gethostname()
-        if edge_id.lower() in FACTORY_HOSTNAMES:
+        if edge_id.lower().split(".")[0] in FACTORY_HOSTNAMES:
             where = "set in the config" if self.edge_id else "the host name"
             raise ConfigError(
                 "edge_id",

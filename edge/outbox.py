@@ -172,6 +172,11 @@ class Outbox:
     def __init__(self, path: str | os.PathLike, edge_id: str, *, create=True):
         self.path = Path(path)
         self.edge_id = edge_id
+        if create:
+            # Imported here: salvage builds its new outbox with this class.
+            from edge.salvage import salvage_if_damaged
+
+            salvage_if_damaged(self.path, edge_id)
         self.conn = self._connect(create)
         self.epoch = self._open_identity()
         self.dropped = 0  # records dropped to make room, by this process

@@ -20,6 +20,14 @@ def clock_unsynced(ts: float) -> bool:
 
 
 def compact(value) -> str:
+    """See `_compact`; a value nested too deeply for json is a ValueError."""
+    try:
+        return _compact(value)
+    except RecursionError:
+        raise ValueError("value nests too deeply to encode") from None
+
+
+def _compact(value) -> str:
     """Compact JSON text of a parsed value: no tab or newline survives.
 
     ValueError for what JSON text in UTF-8 cannot carry: a float out of range
@@ -65,9 +73,30 @@ def parse_lines(data: bytes, what: str = "input") -> list[str]:
     return out
 
 
+# Deeper JSON would overflow the core's parser once wrapped in a batch, and
+# fail that whole batch there; no sensor record needs so many levels.
+MAX_DEPTH = 64
+
+
+def nesting_depth(value) -> int:
+    """How deeply lists and objects nest in a parsed value (iteratively)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in item)
+    return deepest
+
+
 def _parse(text: str, what: str) -> str:
     try:
-        return compact(loads_strict(text))
+        value = loads_strict(text)
+        if nesting_depth(value) > MAX_DEPTH:
+            raise RecordError(f"{what} nests deeper than {MAX_DEPTH} levels")
+        return compact(value)
     except EnvelopeError as exc:
         raise RecordError(f"{what} is not valid JSON: {_reason(exc)}") from None
     except ValueError as exc:  # parsed, but not JSON that UTF-8 text can carry

@@ -65,8 +65,10 @@ class SpoolIntake:
         outbox_cfg: OutboxConfig,
         intake_cfg: IntakeConfig,
         limits: Limits | None = None,
+        max_record_bytes: int = 0,
     ):
         self.outbox = outbox
+        self.max_record_bytes = max_record_bytes
         self.limits = limits
         self._stranded: list[Claim] = []  # claimed, refused, name since taken
         self.spools = spools
@@ -242,6 +244,13 @@ class SpoolIntake:
             payloads = parse_lines(data, what)
         else:
             payloads = [parse_value(data, what)]
+        limit = self.max_record_bytes
+        for number, p in enumerate(payloads, 1):
+            if limit and len(p.encode()) > limit:
+                where = f" line {number}" if claim.name.endswith(".jsonl") else ""
+                raise RecordError(
+                    f"{claim.name}{where} holds a record of {len(p.encode())} bytes, "
+                    f"over the {limit} that fit a message the broker accepts")
         unsynced = clock_unsynced(mtime)
         return [Record(claim.spool.stream, p, mtime, unsynced) for p in payloads]
 

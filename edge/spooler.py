@@ -15,6 +15,7 @@ No step blocks for long, so intake goes on while the broker is down.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
@@ -36,7 +37,7 @@ from common.errors import EnvelopeError
 from common.link import Backoff, make_client, prepare_connect
 from common.topics import Topics
 from edge.config import EdgeConfig
-from edge.errors import OutboxBusy, SpoolError
+from edge.errors import OutboxBusy, OutboxError, SpoolError
 from edge.outbox import Outbox, SkippedRow
 from edge.spool import SpoolIntake
 from edge.state import write_state
@@ -57,9 +58,10 @@ class Spooler:
     def __init__(self, cfg: EdgeConfig):
         self.cfg = cfg
         self.topics = Topics(cfg.topic_prefix)
+        self._lock = take_daemon_lock(cfg.outbox.path + ".lock")
         self.outbox = Outbox(cfg.outbox.path, cfg.edge_id)
         self.intake = SpoolIntake(self.outbox, cfg.spool, cfg.outbox, cfg.intake,
-                                  cfg.limits())
+                                  cfg.limits(), cfg.max_record_bytes)
         self.intake_blocked: str | None = None
         pub = cfg.publish
         self.window = Window(pub.window, pub.batch_records, pub.batch_bytes,
@@ -369,8 +371,7 @@ class Spooler:
         self.outbox.dead_letter(chunk.epoch, chunk.stream, records, reason)
         log.error("dead-lettered record %s:%s:%d: %s", self.cfg.edge_id,
                   chunk.epoch, records[0].seq, reason)
-        if chunk.attempt == 0:
-            seg.sent_upto = max(seg.sent_upto, offsets[-1] + 1)
+        # Counted unconfirmed only if it was published before (attempt > 0).
         self.window.drop_offsets(seg, offsets)
         self.skipped.reload()
 
@@ -461,7 +462,8 @@ def _halves(chunk: Chunk) -> list[Chunk]:
                 pieces[-1][1].append(o)
             else:
                 pieces.append((seg, [o]))
-        out.append(Chunk(chunk.epoch, chunk.stream, pieces, chunk.attempt))
+        out.append(Chunk(chunk.epoch, chunk.stream, pieces, chunk.attempt,
+                         chunk.since))
     return out
 
 
@@ -492,3 +494,30 @@ class SkippedReports:
     def sent(self, row_id: int, now: float, attempt: int) -> None:
         delay = min(self.cap, self.initial * 2**attempt)
         self._timers[row_id] = (now + delay, attempt + 1)
+
+
+def take_daemon_lock(path: str):
+    """Hold an exclusive lock for the daemon's life: one daemon per outbox.
+
+    Two daemons would each take the other's claimed spool files again and
+    fight over one MQTT client id. The lock goes with the process, even on
+    SIGKILL, so a crash never leaves it behind.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115
+    except OSError as exc:
+        raise OutboxError(f"cannot create lock file {path}: {exc}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        other = handle.read().strip() or "?"
+        handle.close()
+        raise OutboxBusy(f"another edge-spooler (pid {other}) runs on this outbox; "
+                         "stop it first") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle

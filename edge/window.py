@@ -58,6 +58,7 @@ class Flight:
     order: int
     attempt: int = field(compare=False)
     pieces: list[tuple[Segment, list[int]]] = field(compare=False)
+    since: float = field(compare=False, default=0.0)  # first publication
 
     def pending(self) -> list[tuple[Segment, list[int]]]:
         out = []
@@ -76,6 +77,7 @@ class Chunk:
     stream: str
     pieces: list[tuple[Segment, list[int]]]
     attempt: int
+    since: float | None = None  # first publication, for a resend
 
     def records(self) -> list[WireRecord]:
         return [seg.records[o] for seg, offsets in self.pieces for o in offsets]
@@ -130,6 +132,10 @@ class Window:
             return None
         pieces, taken, size, key, oldest = [], 0, 0, None, now
         for seg in self.segments.values():
+            # Records confirmed (or dead-lettered) before their first
+            # publication are passed over, not published.
+            while seg.sent_upto < seg.count and seg.sent_upto not in seg.unconfirmed:
+                seg.sent_upto += 1
             if seg.sent_upto >= seg.count:
                 continue
             if key is None:
@@ -167,8 +173,9 @@ class Window:
                 seg.sent_upto = max(seg.sent_upto, offsets[-1] + 1)
                 self.unconfirmed += sum(1 for o in offsets if o in seg.unconfirmed)
         delay = min(self.resend_max, self.resend_initial * 2 ** chunk.attempt)
+        since = now if chunk.since is None else chunk.since
         heapq.heappush(self._flights, Flight(now + delay, next(self._order),
-                                             chunk.attempt, chunk.pieces))
+                                             chunk.attempt, chunk.pieces, since))
         # A confirmed flight stays in the heap until its timer runs out, and
         # holds its segments' records in memory. Live flights are at most W
         # (each holds an unconfirmed record), so past 2 W prune the dead ones:
@@ -190,15 +197,15 @@ class Window:
                 flight.due = now + min(self.resend_max, self.resend_initial)
                 heapq.heappush(self._flights, flight)
                 break
-            out.extend(self._regroup(left, flight.attempt + 1))
+            out.extend(self._regroup(left, flight.attempt + 1, flight.since))
         self.resent_total += sum(len(c) for c in out)
         return out
 
-    def _regroup(self, pieces, attempt: int) -> list[Chunk]:
+    def _regroup(self, pieces, attempt: int, since: float) -> list[Chunk]:
         groups: dict[tuple[str, str], list] = {}
         for seg, offsets in pieces:
             groups.setdefault((seg.epoch, seg.stream), []).append((seg, offsets))
-        return [Chunk(k[0], k[1], v, attempt) for k, v in groups.items()]
+        return [Chunk(k[0], k[1], v, attempt, since) for k, v in groups.items()]
 
     def resend_all(self, now: float) -> int:
         """Make every unconfirmed publication due now; returns records."""
@@ -271,8 +278,5 @@ class Window:
 
     def oldest_unconfirmed_since(self) -> float | None:
         """When the oldest still-unconfirmed flight was first published."""
-        live = [f for f in self._flights if f.pending()]
-        if not live:
-            return None
-        return min(f.due - min(self.resend_max, self.resend_initial * 2 ** f.attempt)
-                   for f in live)
+        live = [f.since for f in self._flights if f.pending()]
+        return min(live) if live else None
