@@ -23,6 +23,7 @@ VERSION = 1
 CODECS = ("json", "json+zlib")
 _MAGIC = b"spoolmq/"
 _HEADER_MAX = 64
+MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,10 +85,15 @@ def unwrap(data: bytes) -> bytes:
     if codec == "json":
         return body
     if codec == "json+zlib":
+        # Capped: a small message must not expand into gigabytes at the core.
+        inflater = zlib.decompressobj()
         try:
-            return zlib.decompress(body)
+            text = inflater.decompress(body, MAX_BODY_BYTES)
         except zlib.error as exc:
             raise EnvelopeError(f"body does not decompress: {exc}") from None
+        if inflater.unconsumed_tail:
+            raise EnvelopeError(f"body expands past {MAX_BODY_BYTES} bytes")
+        return text
     raise EnvelopeError(f"unknown codec {codec!r}; known: {', '.join(CODECS)}")
 
 

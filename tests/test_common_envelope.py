@@ -282,3 +282,13 @@ def test_is_finite_json_looks_everywhere():
     assert is_finite_json({"a": [1, 2.5, {"b": "x"}]})
     assert not is_finite_json({"a": [1, {"b": float("inf")}]})
     assert not is_finite_json([float("nan")])
+
+
+def test_a_compressed_body_that_expands_past_the_cap_is_refused():
+    from common.envelope import MAX_BODY_BYTES
+
+    bomb = wrap(b"[" + b" " * (MAX_BODY_BYTES + 10) + b"]", "json+zlib")
+
+    assert len(bomb) < 1024 * 1024
+    with pytest.raises(EnvelopeError, match="expands past"):
+        unwrap(bomb)
