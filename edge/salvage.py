@@ -53,6 +53,7 @@ META_KEYS = ("schema_version", "edge_id", "epoch", "next_seq")
 DAMAGE_CODES = {11, 26}
 COMPANIONS = ("-wal", "-shm", "-journal")
 LOCK_WAIT_S = 300.0
+IN_USE_WAIT_S = 3.0
 # Unreadable regions of one table after which the rest of it is given up.
 MAX_SKIPS = 100_000
 COPY_ROWS = 500
@@ -293,11 +294,19 @@ def _lock(path: Path) -> int | None:
 
 
 def _refuse_in_use(path: Path, reason: str) -> None:
-    if _in_use(path):
-        raise OutboxBusy(
-            f"outbox {path} is damaged ({reason}), but another process has it "
-            "open; stop that process (edge-spooler run) and retry"
-        )
+    """Raise OutboxBusy while another process keeps the damaged file open.
+
+    Waits a little first: a process checking the file for damage, on its way
+    to wait for this salvage, has it open for a moment.
+    """
+    deadline = time.monotonic() + IN_USE_WAIT_S
+    while _in_use(path):
+        if time.monotonic() >= deadline:
+            raise OutboxBusy(
+                f"outbox {path} is damaged ({reason}), but another process has "
+                "it open; stop that process (edge-spooler run) and retry"
+            )
+        time.sleep(0.05)
 
 
 def _in_use(path: Path) -> bool:
@@ -306,6 +315,8 @@ def _in_use(path: Path) -> bool:
     Each such connection holds a shared lock on the "DMS" byte of the -shm
     file for as long as it is open. Setting the file aside under it would
     strand what it writes from then on, so that waits for it to close.
+    POSIX locks are per process: a connection of this same process is not
+    seen, and none is open to a damaged file here.
     """
     try:
         fd = os.open(f"{path}-shm", os.O_RDWR)
@@ -533,7 +544,7 @@ def _segment(row) -> tuple | None:
         return None
     if not all(_body_line(line) for line in lines):
         return None
-    return (epoch, stream, first_seq, count, len(body.encode()), accepted_at, body)
+    return (epoch, stream, first_seq, count, len(body), accepted_at, body)
 
 
 def _body_line(line: str) -> bool:
@@ -598,8 +609,10 @@ def _set_aside(path: Path, tmp: Path) -> Path:
 
     The damaged file is first linked to its new name, so the path always
     holds one of the two outboxes; its WAL and journal move before the new
-    file arrives, or SQLite would apply them to it. A crash between leaves
-    the damaged file at the path, to be salvaged once more.
+    file arrives, or SQLite would apply them to it. A crash in between
+    leaves the damaged file at the path, salvaged again at the next start
+    (from the main file alone if its WAL had moved already: that WAL stays
+    beside the first aside name), and a `.salvage-*` file to remove.
     """
     aside = _link_aside(path)
     for suffix in COMPANIONS:

@@ -391,7 +391,8 @@ def test_every_subcommand_has_a_help_line():
         a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
     )
 
-    assert set(action.choices) == {"run", "send", "status", "check"}
+    commands = {"run", "send", "status", "check", "dead-letters", "quarantine"}
+    assert set(action.choices) == commands
     for choice in action._choices_actions:
         assert choice.help, choice.dest
 

@@ -191,16 +191,6 @@ def test_opening_without_create_refuses_a_missing_outbox(outbox_path):
     assert not outbox_path.exists()
 
 
-def test_a_file_that_is_not_sqlite_is_refused(tmp_path):
-    path = tmp_path / "outbox.db"
-    path.write_bytes(b"this is not a database at all" * 100)
-
-    with pytest.raises(OutboxError) as caught:
-        Outbox(path, EDGE)
-
-    assert caught.value.exit_code in (Exit.CANTCREAT, Exit.SOFTWARE)
-
-
 def test_a_path_under_a_regular_file_gives_exit_73(tmp_path):
     (tmp_path / "afile").write_text("not a directory")
 
