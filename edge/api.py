@@ -29,6 +29,7 @@ class Producer:
     def __init__(self, config: str | EdgeConfig):
         self.cfg = load_edge_config(config) if isinstance(config, str) else config
         self.outbox = Outbox(self.cfg.outbox.path, self.cfg.edge_id)
+        self.outbox.priorities = self.cfg.priorities()
 
     def send(self, stream: str, value: Any) -> list[RecordId]:
         """Accept one JSON-serialisable value as one record."""

@@ -70,11 +70,18 @@ class PublishConfig:
     resend_max: float = 600.0
     # status exits 75 when a record has waited unconfirmed longer than this.
     degraded_after: float = 900.0
+    # Caps on publishing (0: none), so that draining a backlog leaves room
+    # for live data and other traffic on a thin link.
+    max_records_per_s: float = 0.0
+    max_bytes_per_s: float = 0.0
 
     def validate(self, path: str) -> None:
         for name in ("window", "batch_records", "batch_bytes", "resend_initial"):
             check_positive(path, name, getattr(self, name))
         check_positive(path, "linger_ms", self.linger_ms, zero_ok=True)
+        check_positive(path, "max_records_per_s", self.max_records_per_s,
+                       zero_ok=True)
+        check_positive(path, "max_bytes_per_s", self.max_bytes_per_s, zero_ok=True)
         if self.batch_records > self.window:
             raise ConfigError(f"{path}.batch_records", "must not exceed window")
         if self.resend_max < self.resend_initial:
@@ -101,6 +108,13 @@ class StreamConfig:
     """Per-stream settings, under `streams:` keyed by stream name."""
 
     when_full: Literal["reject", "drop_oldest"] | None = None  # outbox's
+    # Higher goes first after an outage (within a batch's worth).
+    priority: int = 0
+    # Seconds a record may wait before it is dropped as expired (0: forever).
+    ttl: float = 0.0
+
+    def validate(self, path: str) -> None:
+        check_positive(path, "ttl", self.ttl, zero_ok=True)
 
 
 @dataclass(frozen=True)
@@ -122,6 +136,12 @@ class EdgeConfig:
         64 characters and one record's seq, time and flag.
         """
         return self.broker.max_message_bytes - 1024
+
+    def priorities(self) -> dict[str, int]:
+        return {name: sc.priority for name, sc in self.streams.items() if sc.priority}
+
+    def ttls(self) -> dict[str, float]:
+        return {name: sc.ttl for name, sc in self.streams.items() if sc.ttl}
 
     def when_full(self, stream: str) -> str:
         override = self.streams.get(stream)

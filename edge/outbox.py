@@ -27,6 +27,9 @@ from edge.errors import OutboxBusy, OutboxError, OutboxFull, SpoolError
 log = logging.getLogger("edge.outbox")
 
 SCHEMA_VERSION = 1
+# A wall clock before this instant has not been set: a host without a
+# real-time clock boots in 1970 and steps forward once it reaches NTP.
+CLOCK_FLOOR = 1767225600.0  # 2026-01-01T00:00:00Z
 BUSY_TIMEOUT_S = 30.0
 
 _SCHEMA_V1 = """
@@ -39,9 +42,14 @@ CREATE TABLE segments (
     count INTEGER NOT NULL,
     bytes INTEGER NOT NULL,
     accepted_at REAL NOT NULL,
+    -- The outbox clock (seconds the daemon ran) at acceptance: ages measured
+    -- on it survive a wall clock that starts in 1970 or steps back.
+    accepted_uptime REAL NOT NULL DEFAULT 0,
+    priority INTEGER NOT NULL DEFAULT 0,
     body TEXT NOT NULL
 );
 CREATE INDEX segments_by_seq ON segments (epoch, first_seq);
+CREATE INDEX segments_by_priority ON segments (priority, id);
 CREATE TABLE claims (claim TEXT PRIMARY KEY, records INTEGER NOT NULL);
 CREATE TABLE dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -148,6 +156,7 @@ class SegmentRow:
     count: int
     accepted_at: float
     body: str
+    priority: int = 0
 
 
 def encode_body(records: Iterable[Record]) -> str:
@@ -161,7 +170,11 @@ def encode_body(records: Iterable[Record]) -> str:
 
 
 def decode_body(body: str) -> Iterator[tuple[float, bool, str]]:
-    for line in body.splitlines():
+    # Split on "\n" only: splitlines() also splits on U+2028, U+2029 and
+    # U+0085, which compact JSON keeps unescaped inside strings.
+    for line in body.split("\n"):
+        if not line:
+            continue
         created, unsynced, payload = line.split("\t", 2)
         yield float(created), unsynced == "1", payload
 
@@ -179,6 +192,10 @@ class Outbox:
             salvage_if_damaged(self.path, edge_id)
         self.conn = self._connect(create)
         self.epoch = self._open_identity()
+        # Higher goes first; set by the caller from the streams config.
+        self.priorities: dict[str, int] = {}
+        self._uptime_base = self._read_uptime()
+        self._uptime_since = time.monotonic()
         self.dropped = 0  # records dropped to make room, by this process
 
     # --- opening -------------------------------------------------------
@@ -249,6 +266,7 @@ class Outbox:
                 ("epoch", epoch),
                 ("next_seq", "1"),
                 ("records", "0"),
+                ("uptime", "0"),
                 ("bytes", "0"),
                 ("created_at", f"{time.time():.3f}"),
             ],
@@ -365,17 +383,73 @@ class Outbox:
         return row[0] - n
 
     def _insert_segments(self, records, first_seq, max_records, max_bytes):
-        now = time.time()
+        now, uptime = time.time(), self.uptime()
         rows = []
         for stream, start, chunk in _split(records, max_records, max_bytes):
             body = encode_body(chunk)
             rows.append((self.epoch, stream, first_seq + start, len(chunk),
-                         len(body), now, body))
+                         len(body), now, uptime, self.priorities.get(stream, 0),
+                         body))
         self.conn.executemany(
             "INSERT INTO segments (epoch, stream, first_seq, count, bytes, "
-            "accepted_at, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "accepted_at, accepted_uptime, priority, body) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
+
+    # --- the outbox clock -------------------------------------------------
+
+    def _read_uptime(self) -> float:
+        row = self.conn.execute(
+            "SELECT value FROM meta WHERE key = 'uptime'").fetchone()
+        return float(row[0]) if row else 0.0
+
+    def uptime(self) -> float:
+        """Seconds the daemon has run on this outbox, across restarts.
+
+        Another process sees the value the daemon last saved, so its records
+        look younger, never older, than they are.
+        """
+        return self._uptime_base + (time.monotonic() - self._uptime_since)
+
+    def save_uptime(self) -> None:
+        with self.transaction():
+            self.conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('uptime', ?)",
+                (f"{self.uptime():.3f}",))
+
+    # --- expiry ------------------------------------------------------------
+
+    def expire(self, ttls: dict[str, float], keep: set[int]) -> int:
+        """Drop segments whose stream's TTL passed; report them as skipped.
+
+        Age is the outbox clock's, or the wall clock's when that was set both
+        at acceptance and now and has not gone back: time a powered-off host
+        spent counts only when the clock can be trusted. Segments in `keep`
+        (being published) are left alone. Returns records dropped.
+        """
+        uptime, wall, now = self.uptime(), time.time(), time.time()
+        victims = []
+        for stream, ttl in ttls.items():
+            rows = self.conn.execute(
+                "SELECT id, epoch, first_seq, count, accepted_at, accepted_uptime "
+                "FROM segments WHERE stream = ? ORDER BY id", (stream,)).fetchall()
+            for seg_id, epoch, first_seq, count, accepted_at, accepted_up in rows:
+                if seg_id in keep:
+                    continue
+                if _age(uptime - accepted_up, wall, accepted_at) >= ttl:
+                    victims.append((seg_id, epoch, stream, first_seq, count))
+        if not victims:
+            return 0
+        with self.transaction():
+            for seg_id, epoch, stream, first_seq, count in victims:
+                self.conn.execute("DELETE FROM segments WHERE id = ?", (seg_id,))
+                self.conn.execute(
+                    "INSERT INTO skipped (epoch, stream, first_seq, last_seq, "
+                    "reason, at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (epoch, stream, first_seq, first_seq + count - 1,
+                     "ttl expired", now))
+        return sum(v[4] for v in victims)
 
     def committed_claims(self, claims: Iterable[str]) -> set[str]:
         """Which of these spool claims an earlier transaction committed."""
@@ -400,16 +474,30 @@ class Outbox:
 
     def segments_after(self, last_id: int, limit_records: int) -> list[SegmentRow]:
         """The oldest segments with id > last_id, about limit_records in all."""
+        return self.segments_by_priority({}, limit_records, default_last=last_id)
+
+    def segments_by_priority(self, last_ids: dict[int, int], limit_records: int,
+                             default_last: int = 0) -> list[SegmentRow]:
+        """Segments not yet loaded, highest priority first, oldest first.
+
+        `last_ids` holds, per priority, the highest id already loaded.
+        """
         out, total = [], 0
-        cursor = self.conn.execute(
-            "SELECT id, epoch, stream, first_seq, count, accepted_at, body "
-            "FROM segments WHERE id > ? ORDER BY id", (last_id,))
-        for row in cursor:
-            out.append(SegmentRow(*row))
-            total += row[4]
+        priorities = [r[0] for r in self.conn.execute(
+            "SELECT DISTINCT priority FROM segments ORDER BY priority DESC")]
+        for priority in priorities:
+            cursor = self.conn.execute(
+                "SELECT id, epoch, stream, first_seq, count, accepted_at, body, "
+                "priority FROM segments WHERE priority = ? AND id > ? ORDER BY id",
+                (priority, last_ids.get(priority, default_last)))
+            for row in cursor:
+                out.append(SegmentRow(*row))
+                total += row[4]
+                if total >= limit_records:
+                    break
+            cursor.close()
             if total >= limit_records:
                 break
-        cursor.close()
         return out
 
     def segments_overlapping(self, epoch: str, first: int, last: int):
@@ -510,6 +598,15 @@ def _set_wal(conn: sqlite3.Connection) -> None:
             if "locked" not in str(exc) or time.monotonic() >= deadline:
                 raise
         time.sleep(0.005)
+
+
+def _age(uptime_age: float, wall_now: float, wall_then: float) -> float:
+    """A segment's age: the outbox clock's, or a trustworthy wall clock's."""
+    trusted = wall_then >= CLOCK_FLOOR and wall_now >= CLOCK_FLOOR
+    wall_age = wall_now - wall_then
+    if trusted and wall_age >= 0:
+        return max(uptime_age, wall_age)
+    return uptime_age
 
 
 def _split(records: list[Record], max_records: int, max_bytes: int):

@@ -8,11 +8,8 @@ import time
 from common.envelope import loads_strict
 from common.errors import EnvelopeError
 from edge.errors import RecordError
-from edge.outbox import Record
+from edge.outbox import CLOCK_FLOOR, Record
 
-# A wall clock before this instant has not been set: a host without a
-# real-time clock boots in 1970 and steps forward once it reaches NTP.
-CLOCK_FLOOR = 1767225600.0  # 2026-01-01T00:00:00Z
 
 
 def clock_unsynced(ts: float) -> bool:

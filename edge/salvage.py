@@ -30,7 +30,6 @@ reports as usual.
 from __future__ import annotations
 
 import fcntl
-import functools
 import logging
 import os
 import secrets
@@ -43,7 +42,7 @@ from pathlib import Path
 
 from common.topics import name_problem
 from edge.errors import OutboxBusy, OutboxError
-from edge.outbox import _SCHEMA_V1, SCHEMA_VERSION, Outbox
+from edge.outbox import SCHEMA_VERSION, Outbox
 
 log = logging.getLogger("edge.salvage")
 
@@ -65,6 +64,35 @@ SHM_DMS_OFFSET = 128
 SEGMENTS = "id, epoch, stream, first_seq, count, accepted_at, body"
 DEAD_LETTERS = "id, epoch, seq, stream, created_at, reason, payload, dead_at"
 SKIPPED = "id, epoch, stream, first_seq, last_seq, reason, at"
+
+# The columns that make a file an outbox: schema 1 as first made. Columns
+# added since have defaults, so an outbox made before them is still one, and
+# what salvage copies leaves them at their defaults.
+REQUIRED = {
+    "meta": {"key", "value"},
+    "segments": {
+        "id",
+        "epoch",
+        "stream",
+        "first_seq",
+        "count",
+        "bytes",
+        "accepted_at",
+        "body",
+    },
+    "claims": {"claim", "records"},
+    "dead_letters": {
+        "id",
+        "epoch",
+        "seq",
+        "stream",
+        "created_at",
+        "reason",
+        "payload",
+        "dead_at",
+    },
+    "skipped": {"id", "epoch", "stream", "first_seq", "last_seq", "reason", "at"},
+}
 
 INSERTS = {
     "segments": "INSERT INTO segments (epoch, stream, first_seq, count, bytes, "
@@ -184,7 +212,7 @@ def _inspect(conn: sqlite3.Connection, edge_id: str) -> str | None:
 def _schema_problem(version: int, tables: dict[str, set[str]]) -> str | None:
     if version < 1:
         return f"schema_version {version} is unknown"
-    for table, columns in known_columns().items():
+    for table, columns in REQUIRED.items():
         if table not in tables:
             return f"unknown schema: table {table} is missing"
         if not columns <= tables[table]:
@@ -199,23 +227,12 @@ def _first_reads(conn: sqlite3.Connection, tables) -> None:
     A truncated file fails before this: SQLite refuses a file shorter than
     its header says (unless the WAL holds the rest).
     """
-    names = [t for t in known_columns() if t in tables]
+    names = [t for t in REQUIRED if t in tables]
     if "sqlite_sequence" in tables:
         names.append("sqlite_sequence")
     for table in names:
         for order in ("", " DESC"):
             conn.execute(f"SELECT * FROM {table} ORDER BY rowid{order} LIMIT 1")
-
-
-@functools.cache
-def known_columns() -> dict[str, set[str]]:
-    """Each table of the outbox schema and its columns, from its definition."""
-    conn = sqlite3.connect(":memory:")
-    try:
-        conn.executescript(_SCHEMA_V1)
-        return {t: cols for t, cols in _columns(conn).items() if t != "sqlite_sequence"}
-    finally:
-        conn.close()
 
 
 def _columns(conn: sqlite3.Connection) -> dict[str, set[str]]:

@@ -46,6 +46,8 @@ from edge.window import Chunk, Window
 log = logging.getLogger("edge.spooler")
 
 STATE_EVERY_S = 2.0
+SWEEP_EVERY_S = 30.0  # how often expired records are looked for
+UPTIME_SAVE_S = 30.0  # how often the outbox clock is saved while records wait
 INTAKE_RETRY_S = 2.0
 # Messages published and not yet PUBACKed, at most, when the broker names no
 # Receive Maximum (3.1.1 never does). Keeps paho's own queue small.
@@ -60,6 +62,12 @@ class Spooler:
         self.topics = Topics(cfg.topic_prefix)
         self._lock = take_daemon_lock(cfg.outbox.path + ".lock")
         self.outbox = Outbox(cfg.outbox.path, cfg.edge_id)
+        self.outbox.priorities = cfg.priorities()
+        self.ttls = cfg.ttls()
+        self.next_sweep = 0.0
+        self.next_uptime_save = time.monotonic() + UPTIME_SAVE_S
+        caps = (cfg.publish.max_records_per_s, cfg.publish.max_bytes_per_s)
+        self.bucket = TokenBucket(*caps) if any(caps) else None
         self.intake = SpoolIntake(self.outbox, cfg.spool, cfg.outbox, cfg.intake,
                                   cfg.limits(), cfg.max_record_bytes)
         self.intake_blocked: str | None = None
@@ -81,6 +89,7 @@ class Spooler:
         self.data_version = -1
         self._maybe_more = True
         self._dropped_seen = 0
+        self.expired_total = 0
         self.core_session: str | None = None
         self.core_status: dict[str, bool] = {}
         self.last_receipt: float | None = None
@@ -249,11 +258,33 @@ class Spooler:
         self._network(0.05)
         if now >= self.next_scan:
             self._scan(now)
-        self._load()
         if self.connected:
+            # Loading only while connected keeps at most one batch loaded and
+            # unpublished, so higher-priority streams go first after an outage.
+            self._load()
             self._publish(time.monotonic())
+        self._keep_time(now)
         self._forget_confirmed()
         self._write_state()
+
+    def _keep_time(self, now: float) -> None:
+        """Save the outbox clock now and then; drop expired records."""
+        try:
+            if now >= self.next_uptime_save:
+                self.next_uptime_save = now + UPTIME_SAVE_S
+                if self.outbox.totals()[0]:  # an idle, empty edge writes nothing
+                    self.outbox.save_uptime()
+            if self.ttls and now >= self.next_sweep:
+                # Often enough that a record outlives its TTL by a quarter.
+                shortest = min(self.ttls.values())
+                self.next_sweep = now + max(1.0, min(SWEEP_EVERY_S, shortest / 4))
+                expired = self.outbox.expire(self.ttls, set(self.window.segments))
+                if expired:
+                    log.warning("dropped %d records whose TTL passed", expired)
+                    self.expired_total += expired
+                    self.skipped.reload()
+        except SpoolError as exc:
+            log.warning("outbox upkeep failed: %s", exc)
 
     def _scan(self, now: float) -> None:
         try:
@@ -323,7 +354,7 @@ class Spooler:
         wants = self.window.wants()
         if wants <= 0 or not self._maybe_more:
             return
-        rows = self.outbox.segments_after(self.window.last_id, wants)
+        rows = self.outbox.segments_by_priority(self.window.last_ids, wants)
         self._maybe_more = sum(r.count for r in rows) >= wants
         if rows:
             self.window.add(rows, time.monotonic())
@@ -332,9 +363,13 @@ class Spooler:
         if len(self.unacked) >= self.inflight_cap:
             return
         self._report_skipped(now)
+        if self.bucket is not None and not self.bucket.ready(now):
+            return
         for chunk in self.window.due_resends(now, paused=self.core_away):
             self._send(chunk, now)
         while self.connected and len(self.unacked) < self.inflight_cap:
+            if self.bucket is not None and not self.bucket.ready(now):
+                break
             chunk = self.window.next_chunk(now)
             if chunk is None:
                 break
@@ -361,6 +396,8 @@ class Spooler:
             log.warning("publish refused by the client: %s", mqtt.error_string(info.rc))
             return
         self.unacked.add(info.mid)
+        if self.bucket is not None:
+            self.bucket.spend(len(records), len(payload))
         self.window.mark_published(chunk, now)
         self.published_total += len(records)
 
@@ -409,6 +446,7 @@ class Spooler:
             "core_away": self.core_away,
             "intake_blocked": self.intake_blocked,
             "dropped": self.outbox.dropped,
+            "expired": self.expired_total,
         }
 
     def _write_state(self, force: bool = False) -> None:
@@ -438,6 +476,10 @@ class Spooler:
     def _shutdown(self) -> None:
         log.info("stopping: %d records unconfirmed stay in the outbox",
                  self.window.unconfirmed)
+        try:
+            self.outbox.save_uptime()
+        except SpoolError as exc:
+            log.warning("outbox clock not saved: %s", exc)
         self.outbox.delete_segments(self.window.take_done())
         if self.connected:
             self.client.publish(self.topics.status(self.cfg.edge_id),
@@ -521,3 +563,27 @@ def take_daemon_lock(path: str):
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     return handle
+
+
+class TokenBucket:
+    """Publishing caps in records/s and bytes/s (0: none), one second deep.
+
+    A chunk may overdraw the bucket; publishing then waits until it refills,
+    so the average rate holds whatever the batch size.
+    """
+
+    def __init__(self, records_per_s: float, bytes_per_s: float):
+        self.rates = (records_per_s, bytes_per_s)
+        self.levels = [records_per_s, bytes_per_s]
+        self.at = time.monotonic()
+
+    def ready(self, now: float) -> bool:
+        elapsed, self.at = now - self.at, now
+        for i, rate in enumerate(self.rates):
+            if rate:
+                self.levels[i] = min(rate, self.levels[i] + elapsed * rate)
+        return all(level > 0 for rate, level in zip(self.rates, self.levels) if rate)
+
+    def spend(self, records: int, bytes_: int) -> None:
+        self.levels[0] -= records
+        self.levels[1] -= bytes_

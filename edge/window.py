@@ -29,7 +29,7 @@ class Segment:
     """One outbox row in memory: its records and which are still unconfirmed."""
 
     __slots__ = ("id", "epoch", "stream", "first_seq", "count", "records",
-                 "unconfirmed", "sent_upto", "loaded_at")
+                 "unconfirmed", "sent_upto", "loaded_at", "priority")
 
     def __init__(self, row: SegmentRow, now: float):
         self.id = row.id
@@ -44,6 +44,7 @@ class Segment:
         self.unconfirmed = set(range(row.count))
         self.sent_upto = 0  # offsets below this were published at least once
         self.loaded_at = now
+        self.priority = row.priority
 
     @property
     def last_seq(self) -> int:
@@ -98,6 +99,9 @@ class Window:
         self.resend_initial = resend_initial
         self.resend_max = resend_max
         self.segments: dict[int, Segment] = {}
+        # Publication order: priority (highest first), then id.
+        self._by_priority: dict[int, dict[int, Segment]] = {}
+        self.last_ids: dict[int, int] = {}  # per priority, highest id loaded
         self._by_epoch: dict[str, list[tuple[int, int]]] = {}  # (first_seq, id)
         self._flights: list[Flight] = []
         self._order = itertools.count()
@@ -118,6 +122,9 @@ class Window:
         for row in rows:
             seg = Segment(row, now)
             self.segments[seg.id] = seg
+            self._by_priority.setdefault(seg.priority, {})[seg.id] = seg
+            self.last_ids[seg.priority] = max(self.last_ids.get(seg.priority, 0),
+                                              seg.id)
             self.held += seg.count
             bisect.insort(self._by_epoch.setdefault(seg.epoch, []),
                           (seg.first_seq, seg.id))
@@ -131,7 +138,7 @@ class Window:
         if room <= 0:
             return None
         pieces, taken, size, key, oldest = [], 0, 0, None, now
-        for seg in self.segments.values():
+        for seg in self._in_order():
             # Records confirmed (or dead-lettered) before their first
             # publication are passed over, not published.
             while seg.sent_upto < seg.count and seg.sent_upto not in seg.unconfirmed:
@@ -165,6 +172,10 @@ class Window:
         if not (flush or full or now - oldest >= self.linger):
             return None
         return Chunk(key[0], key[1], pieces, 0)
+
+    def _in_order(self):
+        for priority in sorted(self._by_priority, reverse=True):
+            yield from self._by_priority[priority].values()
 
     def mark_published(self, chunk: Chunk, now: float) -> None:
         """Record a publication and arm its resend timer."""
@@ -264,6 +275,10 @@ class Window:
 
     def _drop(self, seg: Segment) -> None:
         del self.segments[seg.id]
+        level = self._by_priority[seg.priority]
+        del level[seg.id]
+        if not level:
+            del self._by_priority[seg.priority]
         index = self._by_epoch[seg.epoch]
         index.remove((seg.first_seq, seg.id))
         if not index:

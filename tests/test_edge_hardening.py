@@ -124,3 +124,15 @@ def test_a_factory_host_name_with_a_domain_is_refused(tmp_path):
     assert done.returncode == 78
 
 
+
+
+def test_a_payload_holding_unicode_line_separators_survives_the_outbox(tmp_path):
+    from edge.outbox import decode_body
+
+    outbox = Outbox(tmp_path / "o.db", "e1")
+    text = json.dumps({"t": "a\u2028b\u2029c\x85d"}, ensure_ascii=False)
+    outbox.accept([OutboxRecord("s", text, 1767225600.0)] * 2)
+
+    (row,) = outbox.segments_after(0, 10)
+
+    assert [p for _, _, p in decode_body(row.body)] == [text, text]

@@ -19,7 +19,7 @@ from common.exits import Exit
 from edge.config import load_edge_config
 from edge.errors import OutboxBusy, OutboxError
 from edge.outbox import Outbox, Record, decode_body
-from edge.salvage import damage, salvage_if_damaged
+from edge.salvage import REQUIRED, damage, salvage_if_damaged
 from edge.spooler import Spooler
 from tests.harness.daemons import (
     stored_ids,
@@ -202,6 +202,30 @@ def test_an_outbox_whose_meta_or_schema_is_unknown_is_damage(
     conn.close()
 
     assert words in damage(outbox_path, EDGE)
+
+
+def test_an_outbox_made_before_later_columns_were_added_is_not_damage(
+    outbox_path,
+):
+    # Schema 1 as first made: later columns come with defaults, or a
+    # migration; neither makes an older outbox damaged.
+    outbox_path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(outbox_path)
+    for table, columns in REQUIRED.items():
+        conn.execute(f"CREATE TABLE {table} ({', '.join(sorted(columns))})")
+    conn.executemany(
+        "INSERT INTO meta (key, value) VALUES (?, ?)",
+        [
+            ("schema_version", "1"),
+            ("edge_id", EDGE),
+            ("epoch", "0123456789abcdef"),
+            ("next_seq", "1"),
+        ],
+    )
+    conn.commit()
+    conn.close()
+
+    assert damage(outbox_path, EDGE) is None
 
 
 def test_a_sqlite_file_of_another_program_is_damage(outbox_path):
