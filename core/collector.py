@@ -206,13 +206,15 @@ class Collector:
         self._cap_inflight(properties)
         self._log_connected(flags.session_present)
         self._publish_status(online=True)
-        # Every connect announces a new core session, so edges resend what is
-        # unconfirmed (at most W each). Without a session the broker lost what
-        # it queued for us; with one, it may still have restarted from its
-        # last autosave, which keeps sessions but forgets what it acked since
-        # -- and neither a reconnect nor a collector that was away while the
-        # broker died can tell that apart from a clean restart.
-        self.announce_session = True
+        # A reconnect within one run means the link or the broker failed. A
+        # broker SIGKILLed and restarted from its last autosave still holds
+        # our session but forgot what it acked since, so that counts as a
+        # loss too: edges resend what is unconfirmed (at most W each).
+        # TODO: a collector that was away while the broker died and came back
+        # from a snapshot finds its session and announces nothing; the edges'
+        # resend timers recover those records. Ends when the broker's restart
+        # can be told from a clean one (e.g. a retained broker-start marker).
+        self.announce_session = not flags.session_present or self.generation > 1
         self._apply(self.subscriptions.plan(flags.session_present))
         if self.announce_session and self.subscribe_mid is None:
             self._announce_session()

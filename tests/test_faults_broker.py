@@ -73,6 +73,12 @@ def test_a_broker_killed_after_its_pubacks_but_before_its_autosave_loses_no_reco
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap: a collector that was away when the broker died cannot "
+    "tell a snapshot that still holds its session from a clean restart, so no "
+    "core session is announced; only the resend timers recover the records",
+)
 def test_a_broker_restored_from_an_old_snapshot_prompts_a_resend_before_the_timers(
     tmp_path, broker_factory, daemons
 ):
