@@ -9,7 +9,9 @@ the session ends with the connection.
 from __future__ import annotations
 
 import logging
+import os
 import ssl
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -88,9 +90,11 @@ class BrokerConfig:
 
 
 def make_client(
-    cfg: BrokerConfig, client_id: str, *, manual_ack: bool = False
+    cfg: BrokerConfig, client_id: str, *, manual_ack: bool = False,
+    clean: bool = False,
 ) -> mqtt.Client:
-    """A paho client with a persistent session, credentials and TLS set."""
+    """A paho client with a persistent session (unless `clean`), credentials
+    and TLS set."""
     if cfg.v5:
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -103,7 +107,7 @@ def make_client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv311,
-            clean_session=False,
+            clean_session=clean,
             manual_ack=manual_ack,
         )
     if cfg.username:
@@ -181,3 +185,45 @@ def connack_refused(reason_code) -> LinkError:
             exit_code=Exit.NOPERM,
         )
     return LinkError(f"broker refused the connection: {text}")
+
+
+def probe(cfg: BrokerConfig, client_id: str, timeout: float = 10.0) -> str:
+    """Connect once with the configured credentials, then disconnect.
+
+    Uses a clean session under its own client id, so the daemon's session is
+    left alone (unless the broker forces client id = username: then the
+    daemon is disconnected for a moment and reconnects). Returns a line
+    describing the broker; raises LinkError (69, or 77 when refused).
+    """
+    # Clean, and for MQTT 5 no session expiry: the probe leaves no session.
+    client = make_client(cfg, f"{client_id}-check-{os.getpid()}", clean=True)
+    outcome: dict = {}
+
+    def on_connect(client, userdata, flags, reason_code, properties):
+        outcome["reason"] = reason_code
+        outcome["properties"] = properties
+
+    client.on_connect = on_connect
+    try:
+        client.connect(cfg.host, cfg.port, cfg.keepalive)
+    except (OSError, ValueError) as exc:
+        raise LinkError(f"broker {cfg.address} unreachable: {exc}; check "
+                        "broker.host, broker.port and the network") from None
+    deadline = time.monotonic() + timeout
+    while "reason" not in outcome and time.monotonic() < deadline:
+        if client.loop(timeout=0.1) != mqtt.MQTT_ERR_SUCCESS:
+            break
+    reason = outcome.get("reason")
+    if reason is None:
+        client.disconnect()
+        raise LinkError(f"broker {cfg.address} accepted TCP but sent no CONNACK "
+                        f"within {timeout:.0f} s; check TLS and the port")
+    if reason.is_failure:
+        raise connack_refused(reason)
+    client.disconnect()
+    client.loop(timeout=0.1)
+    props = outcome.get("properties")
+    limits = ""
+    if props is not None and hasattr(props, "ReceiveMaximum"):
+        limits = f", Receive Maximum {props.ReceiveMaximum}"
+    return f"broker {cfg.address} accepted MQTT {cfg.protocol}{limits}"

@@ -16,6 +16,7 @@ from common import __version__
 from common.config import config_path, dump_effective
 from common.errors import ConfigError, SpoolmqError
 from common.exits import Exit
+from common.link import probe
 from common.logs import setup_logging
 from core.collector import Collector
 from core.config import CoreConfig, load_core_config
@@ -56,6 +57,13 @@ def build_parser() -> Parser:
         command = commands.add_parser(
             name, parents=[common], help=summary, description=summary
         )
+        if name == "check":
+            command.add_argument(
+                "--connect",
+                action="store_true",
+                help="also connect to the broker once with these credentials "
+                "(exit 69 unreachable, 77 refused)",
+            )
         if name == "status":
             command.add_argument(
                 "--json", action="store_true", help="print the report as JSON"
@@ -165,6 +173,8 @@ def cmd_status(args: argparse.Namespace) -> Exit:
 def cmd_check(args: argparse.Namespace) -> Exit:
     cfg = _load_config(args)
     print(dump_effective(cfg), end="")
+    if args.connect:
+        print(f"# {probe(cfg.broker, cfg.client_id)}")
     return Exit.OK
 
 

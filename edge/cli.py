@@ -10,6 +10,7 @@ from pathlib import Path
 
 from common.cli import global_options, make_parser, run_command
 from common.config import config_path, dump_effective
+from common.link import probe
 from common.envelope import format_time
 from common.exits import Exit
 from edge import operator as ops
@@ -141,6 +142,8 @@ def _age(seconds) -> str:
 def cmd_check(args) -> int:
     cfg = load(args)
     sys.stdout.write(dump_effective(cfg))
+    if args.connect:
+        print(f"# {probe(cfg.broker, cfg.edge_id)}")
     return Exit.OK
 
 
@@ -167,6 +170,9 @@ def build_parser():
     p.set_defaults(handler=cmd_status)
     p = sub.add_parser("check", parents=[common],
                        help="validate the config and print the effective one")
+    p.add_argument("--connect", action="store_true",
+                   help="also connect to the broker once with these credentials "
+                   "(exit 69 unreachable, 77 refused)")
     p.set_defaults(handler=cmd_check)
     _add_dead_letter_commands(sub, common)
     _add_quarantine_commands(sub, common)
