@@ -39,6 +39,13 @@ from common.topics import Topics
 from edge.config import EdgeConfig
 from edge.errors import OutboxBusy, OutboxError, SpoolError
 from edge.outbox import Outbox, SkippedRow
+from edge.reasons import (
+    Acks,
+    Action,
+    disconnect_reason,
+    puback_reason,
+    unconfirmed_pieces,
+)
 from edge.spool import SpoolIntake
 from edge.state import write_state
 from edge.window import Chunk, Window
@@ -84,6 +91,7 @@ class Spooler:
         self.max_message = cfg.broker.max_message_bytes
         self.inflight_cap = DEFAULT_INFLIGHT
         self.unacked: set[int] = set()
+        self.acks = Acks(cfg.edge_id)  # data batches by mid; reason codes
         self.next_connect = 0.0
         self.next_scan = 0.0
         self.data_version = -1
@@ -131,6 +139,8 @@ class Spooler:
         self.connected_since = time.time()
         self.backoff.reset()
         self._apply_connack_limits(properties)
+        self.max_message = int(min(self.max_message, self.acks.max_message))
+        self.acks.pause.end()
         self.skipped.all_due()
         log.info("connected to %s (session present: %s); %d records unconfirmed",
                  self.cfg.broker.address, flags.session_present,
@@ -155,12 +165,31 @@ class Spooler:
 
     def _on_publish(self, client, userdata, mid, reason_code, properties):
         self.unacked.discard(mid)
-        if reason_code.is_failure:
-            # TODO: MQTT 5 PUBACK reason codes are only logged (the records
-            # stay unconfirmed and are resent); ends with the per-code table.
+        sent = self.acks.take(mid)
+        if sent is not None:
+            self._on_batch_ack(*sent, reason_code)
+        elif reason_code.is_failure:
             log.warning("broker refused message %d: %s", mid, reason_code)
 
+    def _on_batch_ack(self, chunk: Chunk, size: int, reason_code) -> None:
+        """Act on a record batch's PUBACK as the table in edge.reasons says."""
+        reason = puback_reason(reason_code)
+        topic = self.topics.data(self.cfg.edge_id, chunk.stream)
+        now = time.monotonic()
+        if reason.action in (Action.OK, Action.UNROUTED):
+            self.acks.accepted(reason, topic)
+        elif reason.action is Action.DEAD_LETTER:
+            for piece in unconfirmed_pieces(chunk):
+                self._dead_letter(piece, f"broker refused it: {reason.name}")
+        elif reason.action is Action.SPLIT:
+            self.max_message = self.acks.shrink(size)
+            self.acks.retry(chunk, now)
+        else:  # wait, config: the records stay and go again after a pause
+            self.acks.refused(reason, topic, len(chunk), now)
+            self.acks.retry(chunk, now)
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self._on_server_reason(reason_code)
         if self.connected and not self.stopping:
             log.warning("disconnected from %s: %s; %d records unconfirmed",
                         self.cfg.broker.address, reason_code,
@@ -170,8 +199,25 @@ class Spooler:
         if not self.stopping:
             self._schedule_reconnect()
 
+    def _on_server_reason(self, reason_code) -> None:
+        """Act on a DISCONNECT's reason as the table in edge.reasons says."""
+        reason = disconnect_reason(reason_code)
+        self.acks.disconnected(reason, self.cfg.broker.address, time.monotonic())
+        if reason.action is not Action.SPLIT:
+            return
+        # The oldest batch not yet acked is the one the broker choked on (it
+        # acks in order); paho would send it again as is after the reconnect.
+        size = self.acks.oldest_size()
+        if size is not None:
+            self.max_message = self.acks.shrink(size)
+        for msg in self.client.drop_out_messages():
+            self.unacked.discard(msg.mid)
+        self.acks.retry_all_sent(time.monotonic())
+        log.warning("broker %s found a message too large; messages now stay "
+                    "under %d bytes", self.cfg.broker.address, self.max_message)
+
     def _schedule_reconnect(self) -> None:
-        delay = self.backoff.next_delay()
+        delay = max(self.backoff.next_delay(), self.acks.pause.left(time.monotonic()))
         self.next_connect = time.monotonic() + delay
         log.info("reconnecting to %s in %.1f s", self.cfg.broker.address, delay)
 
@@ -360,8 +406,10 @@ class Spooler:
             self.window.add(rows, time.monotonic())
 
     def _publish(self, now: float) -> None:
-        if len(self.unacked) >= self.inflight_cap:
+        if len(self.unacked) >= self.inflight_cap or now < self.acks.pause.until:
             return
+        for chunk in self.acks.take_retries():
+            self._send(chunk, now)
         self._report_skipped(now)
         if self.bucket is not None and not self.bucket.ready(now):
             return
@@ -396,6 +444,7 @@ class Spooler:
             log.warning("publish refused by the client: %s", mqtt.error_string(info.rc))
             return
         self.unacked.add(info.mid)
+        self.acks.track(info.mid, chunk, len(payload))
         if self.bucket is not None:
             self.bucket.spend(len(records), len(payload))
         self.window.mark_published(chunk, now)
