@@ -152,13 +152,18 @@ def confirmed_ids(items: Sequence[Item]) -> Confirmed:
 
 def url_problem(url: str) -> str | None:
     """Why `url` is not a datastore URL, or None."""
-    scheme = urlsplit(url).scheme
+    try:
+        scheme = urlsplit(url).scheme
+    except ValueError as exc:  # an unclosed "[" of an IPv6 address
+        return f"not a URL ({exc}): {mask_url(url)!r}"
     if scheme not in SCHEMES:
         allowed = " or ".join(f"{s}://" for s in SCHEMES)
         return f"must start with {allowed}, not {mask_url(url)!r}"
     if scheme == "sqlite":
         return _sqlite_url_problem(url)
-    return None
+    from core.postgres_store import url_problem as postgresql_url_problem
+
+    return postgresql_url_problem(url)
 
 
 def _sqlite_url_problem(url: str) -> str | None:
@@ -182,13 +187,6 @@ def require_backend(url: str) -> None:
     problem = url_problem(url)
     if problem:
         raise ConfigError("datastore.url", problem)
-    if urlsplit(url).scheme == "postgresql":
-        # TODO: refused until the PostgreSQL backend (psycopg, jsonb) is written.
-        raise ConfigError(
-            "datastore.url",
-            "postgresql datastore is not available in this build; "
-            "use sqlite:////path/to/core.db",
-        )
 
 
 def open_datastore(url: str, *, readonly: bool = False) -> Datastore:
@@ -199,6 +197,10 @@ def open_datastore(url: str, *, readonly: bool = False) -> Datastore:
     has no backend for.
     """
     require_backend(url)
+    if urlsplit(url).scheme == "postgresql":
+        from core.postgres_store import PostgresDatastore
+
+        return PostgresDatastore(url, url=mask_url(url), readonly=readonly)
     from core.sqlite_store import SQLiteDatastore
 
     return SQLiteDatastore(sqlite_path(url), url=mask_url(url), readonly=readonly)

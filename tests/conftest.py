@@ -53,3 +53,39 @@ def daemons() -> Iterator[DaemonSet]:
         yield made
     finally:
         made.close()
+
+
+# The datastore on both backends. Imported here, beside the fixtures it serves.
+import os  # noqa: E402
+
+from tests.harness.stores import (  # noqa: E402
+    own_database,
+    postgres_unavailable,
+)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> None:
+    """Skip when no PostgreSQL server answers; fail instead when CI is set."""
+    reason = postgres_unavailable()
+    if reason is None:
+        return
+    message = f"no PostgreSQL server for the tests: {reason}"
+    if os.environ.get("CI"):
+        pytest.fail(f"{message} (CI is set, so this fails rather than skips)")
+    pytest.skip(message)
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> Iterator[str]:
+    """The URL of a new database of this test's own, dropped at teardown."""
+    with own_database() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def datastore_url(request, tmp_path) -> str:
+    """A datastore URL, not opened yet, once per backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/core.db"
+    return request.getfixturevalue("postgres_url")

@@ -124,8 +124,8 @@ def test_check_exits_78_naming_the_key_and_the_reason(config, capsys):
     assert "client_id" in line and "share_group" in line
 
 
-def test_a_postgresql_url_exits_78_with_its_password_masked(config, capsys):
-    config.write_text("datastore: {url: 'postgresql://u:hunter2@db/core'}\n")
+def test_a_malformed_postgresql_url_exits_78_with_its_password_masked(config, capsys):
+    config.write_text("datastore: {url: 'postgresql://u:hunter2@db:port/core'}\n")
 
     assert main(["run", "-c", str(config)]) == 78
     line = one_line(capsys.readouterr().err)

@@ -1,15 +1,17 @@
-"""The SQLite datastore: one transaction per batch, duplicates confirmed."""
+"""The datastore: one transaction per batch, duplicates confirmed.
+
+Every test that takes `url` runs once per backend (SQLite, PostgreSQL) and
+checks the tables through a probe that reads both the same way.
+"""
 
 from __future__ import annotations
-
-import sqlite3
 
 import pytest
 
 from common.exits import Exit
 from core.datastore import DeadLetter, Record, Skipped, open_datastore
 from core.errors import DatastoreError
-from core.sqlite_store import SCHEMA_VERSION
+from tests.harness.stores import StoreProbe, probe
 
 CREATED = "2024-05-01T12:00:00.000Z"
 
@@ -26,8 +28,13 @@ def record(seq: int, *, edge_id: str = "e1", epoch: str = "ep1", **kw) -> Record
 
 
 @pytest.fixture
-def url(tmp_path) -> str:
-    return f"sqlite:///{tmp_path}/core.db"
+def url(datastore_url) -> str:
+    return datastore_url
+
+
+@pytest.fixture
+def tables(url) -> StoreProbe:
+    return probe(url)
 
 
 @pytest.fixture
@@ -38,11 +45,7 @@ def store(url):
 
 
 def rows(url: str, sql: str) -> list[tuple]:
-    conn = sqlite3.connect(url[len("sqlite:///") :])
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
+    return probe(url).rows(sql)
 
 
 def test_a_batch_is_stored_and_every_record_confirmed(store, url):
@@ -63,9 +66,9 @@ def test_duplicates_are_ignored_but_confirmed(store, url):
 
     assert confirmed == {"e1": {"ep1": [2, 3]}}
     assert rows(url, "SELECT seq, payload FROM records ORDER BY seq") == [
-        (1, '{"n":1}'),
-        (2, '{"n":2}'),
-        (3, '{"n":3}'),
+        (1, {"n": 1}),
+        (2, {"n": 2}),
+        (3, {"n": 3}),
     ]
 
 
@@ -78,7 +81,9 @@ def test_identified_dead_letters_are_confirmed_and_stored_once(store, url):
 
     assert first == {"e1": {"ep1": [1, 7]}}
     assert second == {"e1": {"ep1": [7]}}
-    assert rows(url, "SELECT epoch, seq, reason, raw FROM dead_letters") == [
+    assert rows(
+        url, "SELECT epoch, seq, reason, raw FROM dead_letters ORDER BY id"
+    ) == [
         ("ep1", 7, "bad created_at", b"{}"),
         (None, None, "not a batch", b"junk"),
     ]
@@ -114,12 +119,12 @@ def test_a_failing_batch_commits_nothing(store, url):
     assert store.edge_summary() == []
 
 
-def test_migrations_are_recorded_once_across_opens(url):
+def test_migrations_are_recorded_once_across_opens(url, tables):
     open_datastore(url).close()
     open_datastore(url).close()
 
     versions = rows(url, "SELECT version FROM schema_migrations ORDER BY version")
-    assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
+    assert versions == [(v,) for v in range(1, tables.module.SCHEMA_VERSION + 1)]
 
 
 def test_skipped_ids_are_stored_once_and_confirmed(store, url):
@@ -132,30 +137,27 @@ def test_skipped_ids_are_stored_once_and_confirmed(store, url):
     ]
 
 
-def test_a_migration_that_fails_leaves_no_record_of_itself(url, monkeypatch):
-    import core.sqlite_store as sqlite_store
+def test_a_migration_that_fails_leaves_no_record_of_itself(url, tables, monkeypatch):
+    backend = tables.module
+    version = backend.SCHEMA_VERSION
+    broken = dict(backend.MIGRATIONS)
+    broken[version + 1] = "CREATE TABLE t1 (a integer); CREATE TABLE t1 (a integer)"
+    monkeypatch.setattr(backend, "MIGRATIONS", broken)
+    monkeypatch.setattr(backend, "SCHEMA_VERSION", version + 1)
 
-    broken = dict(sqlite_store.MIGRATIONS)
-    broken[SCHEMA_VERSION + 1] = "CREATE TABLE t1 (a); CREATE TABLE t1 (a)"
-    monkeypatch.setattr(sqlite_store, "MIGRATIONS", broken)
-    monkeypatch.setattr(sqlite_store, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
-
-    with pytest.raises(Exception):
+    with pytest.raises(DatastoreError):
         open_datastore(url)
 
-    assert rows(url, "SELECT max(version) FROM schema_migrations") == [
-        (SCHEMA_VERSION,)
-    ]
-    assert rows(url, "SELECT count(*) FROM sqlite_master WHERE name = 't1'") == [
-        (0,)
-    ]
+    assert rows(url, "SELECT max(version) FROM schema_migrations") == [(version,)]
+    assert "t1" not in tables.table_names()
 
 
-def test_the_store_uses_wal_with_full_synchronous_commits(store):
-    assert store.db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-    assert store.db.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+def test_a_commit_returns_only_once_it_is_on_disk(tables):
+    # SQLite: WAL with synchronous=FULL; PostgreSQL: synchronous_commit=on.
+    assert tables.commits_are_durable()
 
 
+# The next two are about files; test_core_postgres.py has the server's cases.
 def test_a_path_that_cannot_be_created_exits_73(tmp_path):
     (tmp_path / "file").write_text("not a directory")
 
@@ -174,20 +176,22 @@ def test_a_file_that_is_not_sqlite_exits_73(tmp_path):
     assert caught.value.exit_code == Exit.CANTCREAT
 
 
-def test_a_missing_store_opened_read_only_exits_69(tmp_path):
+def test_a_store_never_created_and_opened_read_only_exits_69(url, tmp_path, tables):
     with pytest.raises(DatastoreError) as caught:
-        open_datastore(f"sqlite:///{tmp_path}/absent.db", readonly=True)
+        open_datastore(url, readonly=True)
 
     assert caught.value.exit_code == Exit.UNAVAILABLE == 69
-    assert not (tmp_path / "absent.db").exists()
+    assert not (tmp_path / "core.db").exists()
+    if tables.backend == "postgresql":
+        assert tables.table_names() == set()
 
 
-def test_a_schema_newer_than_this_build_is_refused(url):
+def test_a_schema_newer_than_this_build_is_refused(url, tables):
     open_datastore(url).close()
-    conn = sqlite3.connect(url[len("sqlite:///") :])
-    with conn:
-        conn.execute("INSERT INTO schema_migrations VALUES (99, 'later')")
-    conn.close()
+    tables.execute(
+        "INSERT INTO schema_migrations (version, applied_at) "
+        "VALUES (99, CURRENT_TIMESTAMP)"
+    )
 
     with pytest.raises(DatastoreError, match="newer"):
         open_datastore(url)
