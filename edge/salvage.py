@@ -136,6 +136,20 @@ class Salvage:
     tallies: dict[str, Tally] = field(default_factory=dict)
 
 
+def mark_damaged(path: Path, exc: Exception) -> None:
+    """Note that the running daemon found the outbox damaged.
+
+    The daemon then exits; its next start salvages, since the cheap check at
+    start reads too little to see damage deep inside the file.
+    """
+    marker = Path(f"{path}.damaged")
+    marker.write_text(f"{exc}\n", encoding="utf-8")
+
+
+def is_damage(exc: Exception) -> bool:
+    return isinstance(exc, sqlite3.DatabaseError) and _is_damage(exc)
+
+
 def salvage_if_damaged(path: Path, edge_id: str) -> Salvage | None:
     """Salvage the outbox at `path` when it is damaged; None when it is not."""
     if damage(path, edge_id) is None:
@@ -159,13 +173,17 @@ def damage(path: Path, edge_id: str) -> str | None:
 
     Reads the schema, `meta` and the first and last row of each table:
     `PRAGMA quick_check` would read every page, too slow on a big outbox.
-    TODO: damage past those rows shows only when the daemon reads it, as an
-    error it exits with; ends with a background integrity check.
+    TODO: damage past those rows shows only when the daemon reads it; it
+    then marks the file and exits (74), and its next start salvages. Ends
+    with salvage in place, without the restart.
     """
     try:
         info = os.stat(path)
     except OSError:
         return None  # missing, or an error the outbox reports itself
+    marker = Path(f"{path}.damaged")
+    if marker.exists():
+        return f"found damaged while running: {marker.read_text().strip()}"
     if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
         return None
     try:
@@ -361,6 +379,7 @@ def _salvage(path: Path, edge_id: str, reason: str) -> Salvage:
             result = _build(path, tmp, edge_id, reason)
         _refuse_in_use(path, reason)
         result.aside = _set_aside(path, tmp)
+        Path(f"{path}.damaged").unlink(missing_ok=True)
     except BaseException:
         _remove_database(tmp)
         raise

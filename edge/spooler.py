@@ -19,6 +19,7 @@ import fcntl
 import logging
 import os
 import signal
+import sqlite3
 import time
 
 import paho.mqtt.client as mqtt
@@ -34,11 +35,13 @@ from common.envelope import (
     format_time,
 )
 from common.errors import EnvelopeError
+from common.exits import Exit
 from common.link import Backoff, make_client, prepare_connect
 from common.topics import Topics
 from edge.config import EdgeConfig
 from edge.errors import OutboxBusy, OutboxError, SpoolError
 from edge.outbox import Outbox, SkippedRow
+from edge.salvage import is_damage, mark_damaged
 from edge.reasons import (
     Acks,
     Action,
@@ -294,7 +297,16 @@ class Spooler:
                  self.outbox.epoch, len(self.cfg.spool),
                  self.cfg.broker.address, self.cfg.publish.window)
         while not self.stopping:
-            self.step()
+            try:
+                self.step()
+            except sqlite3.DatabaseError as exc:
+                if not is_damage(exc):
+                    raise
+                mark_damaged(self.outbox.path, exc)
+                raise SpoolError(
+                    f"outbox {self.outbox.path} found damaged: {exc}; the next "
+                    "start salvages what is readable", exit_code=Exit.IOERR
+                ) from None
         self._shutdown()
 
     def step(self) -> None:

@@ -533,7 +533,7 @@ def test_the_daemon_starts_on_a_garbage_outbox_and_keeps_running(
     spooler = daemons.spooler(edge_yaml(tmp_path, outbox_path), tmp_path)
 
     spooler.start()
-    wait_until(lambda: "started" in spooler.log_text(), 20, message=spooler.log_tail())
+    wait_until(lambda: " started: outbox" in spooler.log_text(), 20, message=spooler.log_tail())
     assert spooler.running
     spooler.stop()
 
@@ -571,3 +571,39 @@ def test_salvaged_records_reach_the_core_under_their_original_ids(
     wanted = {(EDGE, epoch, seq) for epoch, seq in kept}
     wait_until(lambda: set(stored_ids(db)) >= wanted, 60)
     assert {(e, s) for _, e, s in stored_ids(db)} == kept
+
+
+def test_damage_found_while_running_stops_once_and_the_restart_salvages(
+        tmp_path, broker, daemons):
+    import sqlite3 as _sqlite3
+
+    from edge.outbox import Outbox as _Outbox
+    from edge.outbox import Record as _Record
+    from tests.harness.daemons import wait_until, write_edge_config
+
+    path = tmp_path / "o.db"
+    box = _Outbox(path, "e1")
+    box.accept([_Record("s", '{"n": %d}' % i, 1767225600.0) for i in range(3000)],
+               segment_records=10)
+    box.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    box.close()
+    page = _sqlite3.connect(path).execute("PRAGMA page_size").fetchone()[0]
+    size = path.stat().st_size
+    with open(path, "r+b") as f:  # a page in the middle: past the start check
+        f.seek((size // page // 2) * page)
+        f.write(b"\xde\xad" * (page // 2))
+    cfg = write_edge_config(tmp_path / "edge.yaml", edge_id="e1", port=broker.port,
+                            outbox=path, spools=[])
+    spooler = daemons.spooler(cfg, tmp_path)
+
+    spooler.start()
+    assert spooler.wait(30) == 74
+    assert "found damaged" in spooler.log_text()
+    spooler.start()
+
+    wait_until(lambda: list(tmp_path.glob("o.db.damaged-*")), 30,
+               message=spooler.log_tail())
+    wait_until(lambda: "connected to" in spooler.log_text().rsplit("salvag", 1)[-1],
+               30, message=spooler.log_tail())
+    assert spooler.running
+    assert not (tmp_path / "o.db.damaged").exists()
