@@ -21,7 +21,7 @@ from common.logs import setup_logging
 from core.collector import Collector
 from core.config import CoreConfig, load_core_config
 from core.datastore import open_datastore, require_backend
-from core.status import build_report, format_text
+from core.status import build_gaps_report, build_report, format_gaps, format_text
 
 PROG = "core-collector"
 ENV_CONFIG = "SPOOLMQ_CORE_CONFIG"
@@ -52,6 +52,7 @@ def build_parser() -> Parser:
     for name, summary in (
         ("run", "collect until SIGTERM or SIGINT; never exits on broker trouble"),
         ("status", "per edge: records stored, gaps, last seen, lag"),
+        ("gaps", "one edge's missing seq ranges, and its skipped ones apart"),
         ("check", "validate the config and print the effective one"),
     ):
         command = commands.add_parser(
@@ -64,7 +65,9 @@ def build_parser() -> Parser:
                 help="also connect to the broker once with these credentials "
                 "(exit 69 unreachable, 77 refused)",
             )
-        if name == "status":
+        if name == "gaps":
+            command.add_argument("edge_id", metavar="EDGE_ID", help="the edge")
+        if name in ("status", "gaps"):
             command.add_argument(
                 "--json", action="store_true", help="print the report as JSON"
             )
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error("no command given: use run, status or check")
+        parser.error("no command given: use run, status, gaps or check")
     setup_logging(args.verbose, args.log_format, quiet=args.command != "run")
     try:
         return int(COMMANDS[args.command](args))
@@ -170,6 +173,17 @@ def cmd_status(args: argparse.Namespace) -> Exit:
     )
 
 
+def cmd_gaps(args: argparse.Namespace) -> Exit:
+    cfg = _load_config(args)
+    store = open_datastore(cfg.datastore.url, readonly=True)
+    try:
+        report = build_gaps_report(store, args.edge_id)
+    finally:
+        store.close()
+    print(json.dumps(report, indent=2) if args.json else format_gaps(report))
+    return Exit.OK
+
+
 def cmd_check(args: argparse.Namespace) -> Exit:
     cfg = _load_config(args)
     print(dump_effective(cfg), end="")
@@ -178,7 +192,12 @@ def cmd_check(args: argparse.Namespace) -> Exit:
     return Exit.OK
 
 
-COMMANDS = {"run": cmd_run, "status": cmd_status, "check": cmd_check}
+COMMANDS = {
+    "run": cmd_run,
+    "status": cmd_status,
+    "gaps": cmd_gaps,
+    "check": cmd_check,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -79,7 +79,24 @@ class Skipped:
     reason: str
 
 
-Item = Record | DeadLetter | Skipped
+@dataclass(frozen=True, slots=True)
+class EdgeStatus:
+    """An edge's retained birth or last will: online or not, by its own word.
+
+    `reported_at` is the edge's `ts`, kept as it said it; the time the state
+    began is the core's clock when the state flipped, since a last will's
+    `ts` is when the edge connected, not when it went away.
+    """
+
+    edge_id: str
+    online: bool
+    reported_at: str | None
+
+
+Item = Record | DeadLetter | Skipped | EdgeStatus
+
+# How many gap and skipped ranges `status` lists per edge; `gaps` lists all.
+LISTED_RANGES = 20
 
 
 class Datastore(ABC):
@@ -105,7 +122,20 @@ class Datastore(ABC):
 
         Keys: edge_id, records, dead_letters, first_seen, last_seen,
         last_created_at (RFC 3339 text or None), missing (seqs between the
-        lowest and highest stored of each epoch that are not stored).
+        lowest and highest stored of each epoch that are neither stored nor
+        skipped), online (bool, None before any status message),
+        online_since, epochs (per epoch: first_seq, last_seq, records,
+        contiguous, missing), gaps and skipped (the first LISTED_RANGES
+        ranges of each), skipped_ranges and skipped_seqs (how many in all). An edge known
+        only by its status message has zero counts and no seen times.
+        """
+
+    @abstractmethod
+    def edge_gaps(self, edge_id: str) -> dict:
+        """Every open gap and skipped range of one edge, by epoch and seq.
+
+        Keys: gaps (epoch, first_seq, last_seq), skipped (epoch, stream,
+        first_seq, last_seq, reason).
         """
 
     @abstractmethod
@@ -137,6 +167,8 @@ def confirmed_ids(items: Sequence[Item]) -> Confirmed:
     """edge -> epoch -> seqs of every record and identified dead letter."""
     found: dict[str, dict[str, set[int]]] = {}
     for item in items:
+        if isinstance(item, EdgeStatus):
+            continue
         if isinstance(item, DeadLetter) and not item.identified:
             continue
         seqs = found.setdefault(item.edge_id, {}).setdefault(item.epoch, set())
@@ -147,6 +179,78 @@ def confirmed_ids(items: Sequence[Item]) -> Confirmed:
     return {
         edge_id: {epoch: sorted(seqs) for epoch, seqs in epochs.items()}
         for edge_id, epochs in found.items()
+    }
+
+
+def assemble_summary(
+    edges: list[dict],
+    statuses: list[dict],
+    epochs: list[dict],
+    gaps: list[dict],
+    skipped: list[dict],
+) -> list[dict]:
+    """Join the rows each backend reads into `edge_summary()`'s mappings.
+
+    `epochs` carry each epoch's gap count and first gap (`gap_count`,
+    `gap_seqs`, `first_gap`); `gaps` and `skipped` are lists already limited
+    per edge, with `skipped_ranges` the full count on each skipped row.
+    """
+    by_edge: dict[str, dict] = {}
+    for row in edges:
+        by_edge[row["edge_id"]] = {**_blank(row["edge_id"]), **row}
+    for row in statuses:
+        entry = by_edge.setdefault(row["edge_id"], _blank(row["edge_id"]))
+        entry["online"] = bool(row["online"])
+        entry["online_since"] = row["online_since"]
+    for row in epochs:
+        entry = by_edge.setdefault(row["edge_id"], _blank(row["edge_id"]))
+        first_gap = row["first_gap"]
+        contiguous = row["last_seq"] if first_gap is None else first_gap - 1
+        entry["missing"] += row["gap_seqs"]
+        entry["epochs"].append(
+            {
+                "epoch": row["epoch"],
+                "first_seq": row["first_seq"],
+                "last_seq": row["last_seq"],
+                "records": row["records"],
+                "contiguous": contiguous,
+                "missing": row["gap_seqs"],
+            }
+        )
+    for row in gaps:
+        by_edge[row["edge_id"]]["gaps"].append(_range(row))
+    for row in skipped:
+        entry = by_edge.setdefault(row["edge_id"], _blank(row["edge_id"]))
+        entry["skipped"].append({**_range(row), "reason": row["reason"]})
+        entry["skipped_ranges"] = row["skipped_ranges"]
+        entry["skipped_seqs"] = int(row["skipped_seqs"])
+    return [by_edge[edge_id] for edge_id in sorted(by_edge)]
+
+
+def _blank(edge_id: str) -> dict:
+    return {
+        "edge_id": edge_id,
+        "records": 0,
+        "dead_letters": 0,
+        "first_seen": None,
+        "last_seen": None,
+        "last_created_at": None,
+        "missing": 0,
+        "online": None,
+        "online_since": None,
+        "epochs": [],
+        "gaps": [],
+        "skipped": [],
+        "skipped_ranges": 0,
+        "skipped_seqs": 0,
+    }
+
+
+def _range(row: dict) -> dict:
+    return {
+        "epoch": row["epoch"],
+        "first_seq": row["first_seq"],
+        "last_seq": row["last_seq"],
     }
 
 

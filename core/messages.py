@@ -25,7 +25,7 @@ from common.envelope import (
 )
 from common.errors import EnvelopeError
 from common.topics import Topics, name_problem
-from core.datastore import DeadLetter, Item, Record, Skipped
+from core.datastore import DeadLetter, EdgeStatus, Item, Record, Skipped
 
 log = logging.getLogger("core.messages")
 
@@ -64,8 +64,7 @@ def _decode(
     if kind == "skipped":
         return _decode_skipped(topic, payload, edge_id)
     if kind == "status":
-        _note_edge_message(kind, edge_id, payload)
-        return []
+        return _decode_status(topic, payload, edge_id)
     return [DeadLetter(topic, f"no message kind {kind!r} is read", payload, edge_id)]
 
 
@@ -92,13 +91,24 @@ def _decode_skipped(topic: str, payload: bytes, edge_id: str) -> list[Item]:
         if problem:
             return [DeadLetter(topic, f"skipped {what} {problem}", payload, edge_id)]
     if any(last > MAX_SEQ for _, last in body["ranges"]):
-        return [DeadLetter(topic, f"a skipped seq is larger than {MAX_SEQ}",
-                           payload, edge_id)]
-    log.info("edge %s skipped %d records of %s: %s", edge_id,
-             sum(b - a + 1 for a, b in body["ranges"]), body["stream"],
-             body["reason"])
-    return [Skipped(edge_id, body["epoch"], body["stream"], first, last,
-                    body["reason"][:500]) for first, last in body["ranges"]]
+        return [
+            DeadLetter(
+                topic, f"a skipped seq is larger than {MAX_SEQ}", payload, edge_id
+            )
+        ]
+    log.info(
+        "edge %s skipped %d records of %s: %s",
+        edge_id,
+        sum(b - a + 1 for a, b in body["ranges"]),
+        body["stream"],
+        body["reason"],
+    )
+    return [
+        Skipped(
+            edge_id, body["epoch"], body["stream"], first, last, body["reason"][:500]
+        )
+        for first, last in body["ranges"]
+    ]
 
 
 def _batch_problem(batch: Batch, edge_id: str, stream: str) -> str | None:
@@ -178,15 +188,18 @@ def payload_text(value: Any) -> str:
     return text
 
 
-def _note_edge_message(kind: str, edge_id: str, payload: bytes) -> None:
-    # TODO: status messages are only logged until per-edge accounting
-    # (liveness in the edges table, shown by status) is written.
+def _decode_status(topic: str, payload: bytes, edge_id: str) -> list[Item]:
+    """An edge's birth or last will; an empty payload clears a retained one."""
+    if not payload:
+        return []
     try:
         body = decode_json(payload)
     except EnvelopeError as exc:
-        log.warning("edge %s sent a malformed %s message: %s", edge_id, kind, exc)
-        return
-    if kind == "status" and isinstance(body, dict):
-        log.info("edge %s status: online=%s", edge_id, body.get("online"))
-    else:
-        log.info("edge %s sent a %s message (%d bytes)", edge_id, kind, len(payload))
+        return [DeadLetter(topic, f"status: {exc}", payload, edge_id)]
+    online = body.get("online") if isinstance(body, dict) else None
+    if not isinstance(online, bool):
+        reason = "status must be an object with a boolean 'online'"
+        return [DeadLetter(topic, reason, payload, edge_id)]
+    reported = body.get("ts")
+    log.info("edge %s status: online=%s (ts %s)", edge_id, online, reported)
+    return [EdgeStatus(edge_id, online, str(reported)[:64] if reported else None)]

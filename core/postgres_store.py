@@ -26,15 +26,19 @@ from common.config import mask_url
 from common.envelope import format_time
 from common.exits import Exit
 from core.datastore import (
+    LISTED_RANGES,
     Confirmed,
     Datastore,
     DeadLetter,
+    EdgeStatus,
     Item,
     Record,
     Skipped,
+    assemble_summary,
     confirmed_ids,
 )
 from core.errors import DatastoreError
+from core.gaps import Change, GapTable, Range, update_gaps
 
 log = logging.getLogger("core.postgres_store")
 
@@ -117,6 +121,35 @@ MIGRATIONS = {
         PRIMARY KEY (edge_id, epoch, first_seq, last_seq)
     );
     """,
+    # Open gaps per epoch, kept by core.gaps in each batch's transaction, and
+    # each edge's liveness; the backfill as in the SQLite backend.
+    3: """
+    CREATE TABLE gaps (
+        edge_id text NOT NULL,
+        epoch text NOT NULL,
+        first_seq bigint NOT NULL,
+        last_seq bigint NOT NULL,
+        PRIMARY KEY (edge_id, epoch, first_seq)
+    );
+    CREATE TABLE edge_status (
+        edge_id text PRIMARY KEY,
+        online boolean NOT NULL,
+        online_since timestamptz NOT NULL,
+        reported_at text,
+        received_at timestamptz NOT NULL
+    );
+    INSERT INTO gaps (edge_id, epoch, first_seq, last_seq)
+    SELECT edge_id, epoch, seq + 1, next - 1 FROM (
+        SELECT edge_id, epoch, seq,
+               lead(seq) OVER (PARTITION BY edge_id, epoch ORDER BY seq) AS next
+        FROM records
+    ) AS r WHERE next > seq + 1;
+    DELETE FROM gaps WHERE EXISTS (
+        SELECT 1 FROM skipped s
+        WHERE s.edge_id = gaps.edge_id AND s.epoch = gaps.epoch
+          AND s.first_seq <= gaps.first_seq AND s.last_seq >= gaps.last_seq
+    );
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -188,16 +221,78 @@ ON CONFLICT (edge_id) DO UPDATE SET
     last_seen = greatest(e.last_seen, excluded.last_seen),
     last_created_at = greatest(e.last_created_at, excluded.last_created_at)
 """
-# COLLATE "C": edges in byte order, as SQLite sorts them, whatever the locale.
-EDGE_SUMMARY = """
-SELECT e.edge_id, e.records, e.dead_letters, e.first_seen, e.last_seen,
-       e.last_created_at,
-       coalesce((SELECT sum(p.last_seq - p.first_seq + 1 - p.records)
-                 FROM epochs p WHERE p.edge_id = e.edge_id), 0)::bigint
-           AS missing
-FROM edges e ORDER BY e.edge_id COLLATE "C"
+UPSERT_STATUS = """
+INSERT INTO edge_status AS s (edge_id, online, online_since, reported_at,
+                              received_at)
+VALUES (%s, %s, %s, %s, %s)
+ON CONFLICT (edge_id) DO UPDATE SET
+    online_since = CASE WHEN s.online = excluded.online THEN s.online_since
+                   ELSE excluded.online_since END,
+    online = excluded.online,
+    reported_at = excluded.reported_at,
+    received_at = excluded.received_at
 """
-TIME_COLUMNS = ("first_seen", "last_seen", "last_created_at")
+# Two collectors may store one epoch at once; this transaction-scoped lock,
+# taken in id order, serialises their gap updates.
+LOCK_EPOCH = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
+# The gap that starts at or before `low`, and every one after it up to
+# `high`: two index scans on the primary key.
+TOUCHING_GAPS = """
+SELECT first_seq, last_seq FROM gaps
+WHERE edge_id = %(edge)s AND epoch = %(epoch)s AND last_seq >= %(low)s
+  AND first_seq BETWEEN coalesce(
+        (SELECT max(first_seq) FROM gaps
+         WHERE edge_id = %(edge)s AND epoch = %(epoch)s
+           AND first_seq <= %(low)s), %(low)s)
+      AND %(high)s
+ORDER BY first_seq
+"""
+SKIPPED_OVER = """
+SELECT first_seq, last_seq FROM skipped
+WHERE edge_id = %s AND epoch = %s AND first_seq <= %s AND last_seq >= %s
+"""
+EDGE_ROWS = """
+SELECT edge_id, records, dead_letters, first_seen, last_seen, last_created_at
+FROM edges
+"""
+STATUS_ROWS = "SELECT edge_id, online, online_since FROM edge_status"
+# Read from the small epochs and gaps tables only; EXPLAIN shows a hash or
+# merge join of epochs and gaps, never `records` (README, "status").
+EPOCH_ROWS = """
+SELECT p.edge_id, p.epoch, p.first_seq, p.last_seq, p.records,
+       count(g.first_seq) AS gap_count,
+       coalesce(sum(g.last_seq - g.first_seq + 1), 0)::bigint AS gap_seqs,
+       min(g.first_seq) AS first_gap
+FROM epochs p LEFT JOIN gaps g ON g.edge_id = p.edge_id AND g.epoch = p.epoch
+GROUP BY p.edge_id, p.epoch
+"""
+LISTED_GAPS = """
+SELECT edge_id, epoch, first_seq, last_seq FROM (
+    SELECT *, row_number() OVER (PARTITION BY edge_id
+                                 ORDER BY epoch COLLATE "C", first_seq) AS n
+    FROM gaps
+) AS g WHERE n <= %s ORDER BY edge_id COLLATE "C", epoch COLLATE "C", first_seq
+"""
+LISTED_SKIPPED = """
+SELECT edge_id, epoch, stream, first_seq, last_seq, reason, skipped_ranges,
+       skipped_seqs FROM (
+    SELECT *, row_number() OVER w AS n,
+           count(*) OVER (PARTITION BY edge_id) AS skipped_ranges,
+           sum(last_seq - first_seq + 1) OVER (PARTITION BY edge_id)
+               AS skipped_seqs
+    FROM skipped WINDOW w AS (PARTITION BY edge_id
+                              ORDER BY epoch COLLATE "C", first_seq)
+) AS s WHERE n <= %s ORDER BY edge_id COLLATE "C", epoch COLLATE "C", first_seq
+"""
+EDGE_GAPS = """
+SELECT epoch, first_seq, last_seq FROM gaps WHERE edge_id = %s
+ORDER BY epoch COLLATE "C", first_seq
+"""
+EDGE_SKIPPED = """
+SELECT epoch, stream, first_seq, last_seq, reason FROM skipped WHERE edge_id = %s
+ORDER BY epoch COLLATE "C", first_seq
+"""
+TIME_COLUMNS = ("first_seen", "last_seen", "last_created_at", "online_since")
 
 NUL_REFUSED = "payload holds \\u0000 in a string, which PostgreSQL's jsonb refuses"
 SURROGATE_REFUSED = (
@@ -338,11 +433,14 @@ class PostgresDatastore(Datastore):
 
         def commit(conn: psycopg.Connection):
             with conn.transaction(), conn.cursor() as cur:
+                _insert_skipped(cur, skipped, stamp)
+                # Before _update_epochs widens the epochs' spans.
+                update_gaps(_PostgresGaps(cur), records, skipped)
                 stored = _insert_records(cur, records, stamp)
                 lettered = _insert_dead_letters(cur, letters, stamp)
                 _update_epochs(cur, records, stored)
                 _update_edges(cur, records, stored, lettered, stamp)
-                _insert_skipped(cur, skipped, stamp)
+                _update_statuses(cur, items, stamp)
             return stored, lettered
 
         stored, lettered = self._guarded("commit", commit)
@@ -373,7 +471,26 @@ class PostgresDatastore(Datastore):
     def edge_summary(self) -> list[dict]:
         def query(conn: psycopg.Connection) -> list[dict]:
             with conn.cursor(row_factory=dict_row) as cur:
-                return [_summary_row(row) for row in cur.execute(EDGE_SUMMARY)]
+
+                def rows(sql: str, args=None) -> list[dict]:
+                    return [_summary_row(row) for row in cur.execute(sql, args)]
+
+                return assemble_summary(
+                    rows(EDGE_ROWS),
+                    rows(STATUS_ROWS),
+                    rows(EPOCH_ROWS),
+                    rows(LISTED_GAPS, [LISTED_RANGES]),
+                    rows(LISTED_SKIPPED, [LISTED_RANGES]),
+                )
+
+        return self._guarded("query", query)
+
+    def edge_gaps(self, edge_id: str) -> dict:
+        def query(conn: psycopg.Connection) -> dict:
+            with conn.cursor(row_factory=dict_row) as cur:
+                gaps = cur.execute(EDGE_GAPS, [edge_id]).fetchall()
+                skipped = cur.execute(EDGE_SKIPPED, [edge_id]).fetchall()
+            return {"gaps": gaps, "skipped": skipped}
 
         return self._guarded("query", query)
 
@@ -510,10 +627,58 @@ def _insert_skipped(
         cur.executemany(INSERT_SKIPPED, rows)
 
 
+def _update_statuses(
+    cur: psycopg.Cursor, items: Sequence[Item], stamp: datetime
+) -> None:
+    rows = [
+        (item.edge_id, item.online, stamp, item.reported_at, stamp)
+        for item in items
+        if isinstance(item, EdgeStatus)
+    ]
+    if rows:
+        cur.executemany(UPSERT_STATUS, rows)
+
+
+class _PostgresGaps(GapTable):
+    """The gaps table as core.gaps reads and writes it, inside one batch."""
+
+    def __init__(self, cur: psycopg.Cursor):
+        self.cur = cur
+
+    def lock(self, edge_id: str, epoch: str) -> None:
+        self.cur.execute(LOCK_EPOCH, [f"{edge_id}/{epoch}"])
+
+    def span(self, edge_id: str, epoch: str) -> Range | None:
+        sql = "SELECT first_seq, last_seq FROM epochs WHERE edge_id = %s AND epoch = %s"
+        row = self.cur.execute(sql, [edge_id, epoch]).fetchone()
+        return tuple(row) if row else None
+
+    def touching(self, edge_id: str, epoch: str, low: int, high: int) -> list[Range]:
+        args = {"edge": edge_id, "epoch": epoch, "low": low, "high": high}
+        return [tuple(row) for row in self.cur.execute(TOUCHING_GAPS, args)]
+
+    def skipped_over(self, edge_id: str, epoch: str, region: Range) -> list[Range]:
+        args = [edge_id, epoch, region[1], region[0]]
+        return [tuple(row) for row in self.cur.execute(SKIPPED_OVER, args)]
+
+    def replace(self, edge_id: str, epoch: str, change: Change) -> None:
+        if change.removed:
+            self.cur.executemany(
+                "DELETE FROM gaps WHERE edge_id = %s AND epoch = %s AND first_seq = %s",
+                [(edge_id, epoch, first) for first, _ in change.removed],
+            )
+        if change.added:
+            self.cur.executemany(
+                "INSERT INTO gaps (edge_id, epoch, first_seq, last_seq) "
+                "VALUES (%s, %s, %s, %s)",
+                [(edge_id, epoch, first, last) for first, last in change.added],
+            )
+
+
 def _summary_row(row: dict) -> dict:
     """Times as RFC 3339 text, as the SQLite backend returns them."""
     for key in TIME_COLUMNS:
-        if row[key] is not None:
+        if row.get(key) is not None:
             row[key] = format_time(row[key].timestamp())
     return row
 

@@ -57,7 +57,7 @@ def test_every_command_and_option_has_help_text():
     (commands,) = [
         a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
     ]
-    assert set(commands.choices) == {"run", "status", "check"}
+    assert set(commands.choices) == {"run", "status", "gaps", "check"}
     for helped in [parser, *commands.choices.values()]:
         for action in helped._actions:
             if not isinstance(action, argparse._SubParsersAction):

@@ -6,7 +6,7 @@ import json
 
 from common.envelope import WireRecord, encode_batch, encode_skipped, wrap
 from common.topics import Topics
-from core.datastore import DeadLetter, Record, Skipped
+from core.datastore import DeadLetter, EdgeStatus, Record, Skipped
 from core.messages import decode_message
 
 TOPICS = Topics("spoolmq")
@@ -111,10 +111,22 @@ def test_a_lone_surrogate_in_a_payload_is_kept_as_an_escape():
     assert item.payload == '"\\ud800"'
 
 
-def test_status_messages_store_nothing_yet():
-    status = wrap(b'{"online":true}')
+def test_a_status_message_becomes_the_edges_liveness():
+    status = wrap(b'{"online":true,"ts":"2024-05-01T00:00:00.000Z"}')
 
-    assert decode_message("spoolmq/e1/status", status, TOPICS) == []
+    (item,) = decode_message("spoolmq/e1/status", status, TOPICS)
+
+    assert item == EdgeStatus("e1", True, "2024-05-01T00:00:00.000Z")
+
+
+def test_a_status_without_a_boolean_online_is_dead_lettered():
+    (item,) = decode_message("spoolmq/e1/status", wrap(b'{"online":1}'), TOPICS)
+
+    assert isinstance(item, DeadLetter) and "online" in item.reason
+
+
+def test_an_empty_status_clearing_the_retained_one_stores_nothing():
+    assert decode_message("spoolmq/e1/status", b"", TOPICS) == []
 
 
 def test_a_skipped_notice_becomes_one_item_per_range():
@@ -129,9 +141,11 @@ def test_a_skipped_notice_becomes_one_item_per_range():
 
 
 def test_a_malformed_skipped_notice_is_dead_lettered():
-    for body in (wrap(b'{"online":true}'), wrap(b'{"epoch":"ep1","stream":"s",'
-                 b'"reason":"x","ranges":[[5,2]]}'),
-                 encode_skipped("ep1", "s", [(1, 2_000_000)], "too many")):
+    for body in (
+        wrap(b'{"online":true}'),
+        wrap(b'{"epoch":"ep1","stream":"s","reason":"x","ranges":[[5,2]]}'),
+        encode_skipped("ep1", "s", [(1, 2_000_000)], "too many"),
+    ):
         (item,) = decode_message("spoolmq/e1/skipped", body, TOPICS)
         assert isinstance(item, DeadLetter)
         assert item.edge_id == "e1" and item.seq is None
