@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Callable
 
@@ -53,6 +54,10 @@ def run_command(prog: str, handler: Callable[[argparse.Namespace], int],
         return int(exc.exit_code)
     except KeyboardInterrupt:
         return int(Exit.TEMPFAIL)
+    except BrokenPipeError:
+        # The reader went away (`... | head`): nothing more to say to it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return int(Exit.OK)
     except Exception as exc:  # the one top-level catch: never a bare traceback
         log.debug("internal error", exc_info=True)
         print(f"{prog}: internal error: {exc!r}; run with -v for details and "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -155,7 +156,10 @@ def _kind(value: Any) -> str:
 
 
 def check_positive(path: str, name: str, value: float, *, zero_ok=False) -> None:
-    """Raise ConfigError unless value > 0 (or >= 0 with zero_ok)."""
+    """Raise ConfigError unless value > 0 (or >= 0 with zero_ok), and finite."""
+    if not math.isfinite(value):
+        key = f"{path}.{name}" if path else name
+        raise ConfigError(key, f"must be a finite number, not {value!r}")
     if value < 0 or (value == 0 and not zero_ok):
         bound = ">= 0" if zero_ok else "> 0"
         raise ConfigError(f"{path}.{name}" if path else name, f"must be {bound}")

@@ -44,7 +44,8 @@ CREATE TABLE segments (
     accepted_at REAL NOT NULL,
     -- The outbox clock (seconds the daemon ran) at acceptance: ages measured
     -- on it survive a wall clock that starts in 1970 or steps back.
-    accepted_uptime REAL NOT NULL DEFAULT 0,
+    -- NULL until the daemon first sees the segment: only it knows the clock.
+    accepted_uptime REAL,
     priority INTEGER NOT NULL DEFAULT 0,
     body TEXT NOT NULL
 );
@@ -106,7 +107,10 @@ class Limits:
 
     def drop_clause(self) -> tuple[str, list[str]]:
         """SQL condition on `stream` selecting droppable segments."""
-        marks = ",".join("?" * len(self.flip)) or "NULL"
+        if not self.flip:
+            # "x NOT IN (NULL)" is never true in SQL: every stream may go.
+            return ("1", []) if self.default_drop else ("0", [])
+        marks = ",".join("?" * len(self.flip))
         op = "NOT IN" if self.default_drop else "IN"
         return f"stream {op} ({marks})", sorted(self.flip)
 
@@ -196,6 +200,10 @@ class Outbox:
         self.priorities: dict[str, int] = {}
         self._uptime_base = self._read_uptime()
         self._uptime_since = time.monotonic()
+        # Only the daemon's outbox keeps the clock; other processes leave
+        # accepted_uptime NULL for the daemon to stamp, since a value they
+        # derived from the last saved clock would make records look older.
+        self.keeps_clock = False
         self.dropped = 0  # records dropped to make room, by this process
 
     # --- opening -------------------------------------------------------
@@ -383,7 +391,7 @@ class Outbox:
         return row[0] - n
 
     def _insert_segments(self, records, first_seq, max_records, max_bytes):
-        now, uptime = time.time(), self.uptime()
+        now, uptime = time.time(), self.uptime() if self.keeps_clock else None
         rows = []
         for stream, start, chunk in _split(records, max_records, max_bytes):
             body = encode_body(chunk)
@@ -429,13 +437,18 @@ class Outbox:
         (being published) are left alone. Returns records dropped.
         """
         uptime, wall, now = self.uptime(), time.time(), time.time()
+        with self.transaction():
+            # Segments a producer accepted since the last look start their
+            # clock now: at most one sweep later than their true acceptance.
+            self.conn.execute("UPDATE segments SET accepted_uptime = ? "
+                              "WHERE accepted_uptime IS NULL", (uptime,))
         victims = []
         for stream, ttl in ttls.items():
             rows = self.conn.execute(
                 "SELECT id, epoch, first_seq, count, accepted_at, accepted_uptime "
                 "FROM segments WHERE stream = ? ORDER BY id", (stream,)).fetchall()
             for seg_id, epoch, first_seq, count, accepted_at, accepted_up in rows:
-                if seg_id in keep:
+                if seg_id in keep or accepted_up is None:  # None: accepted just now
                     continue
                 if _age(uptime - accepted_up, wall, accepted_at) >= ttl:
                     victims.append((seg_id, epoch, stream, first_seq, count))

@@ -134,6 +134,7 @@ class Salvage:
     new_epoch: str
     epochs: set[str] = field(default_factory=set)  # of the salvaged rows
     tallies: dict[str, Tally] = field(default_factory=dict)
+    lost_ranges: list[tuple[int, int]] = field(default_factory=list)
 
 
 def mark_damaged(path: Path, exc: Exception) -> None:
@@ -396,6 +397,7 @@ def _build(path: Path, tmp: Path, edge_id: str, reason: str) -> Salvage:
         if source is not None:
             result.old_epoch = _old_epoch(source)
             _copy(source, box, result)
+            _note_lost(source, box, result)
         # One self-contained file: no WAL beside it to leave behind.
         box.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         box.conn.execute("PRAGMA journal_mode=DELETE")
@@ -406,6 +408,54 @@ def _build(path: Path, tmp: Path, edge_id: str, reason: str) -> Salvage:
     # The damaged file's permissions, but never one this process cannot write.
     os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode) | stat.S_IRUSR | stat.S_IWUSR)
     return result
+
+
+LOST_REASON = "lost in a damaged outbox (some may have been stored before)"
+
+
+def _note_lost(source: sqlite3.Connection, box: Outbox, result: Salvage) -> None:
+    """Report the old epoch's seqs that nothing salvaged holds as skipped.
+
+    So the core's accounting says what the edge lost, instead of counting
+    nothing missing. Seqs confirmed and deleted before the damage are among
+    them too, and the core keeps those stored: `records` wins over `skipped`.
+    """
+    epoch = result.old_epoch
+    if epoch is None:
+        return
+    try:
+        row = source.execute(
+            "SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
+        last = int(row[0]) - 1 if row else None
+    except (sqlite3.DatabaseError, ValueError, UnicodeDecodeError):
+        last = None
+    covered = box.conn.execute(
+        "SELECT first_seq, first_seq + count - 1 FROM segments WHERE epoch = ? "
+        "UNION ALL SELECT seq, seq FROM dead_letters WHERE epoch = ? "
+        "UNION ALL SELECT first_seq, last_seq FROM skipped WHERE epoch = ? "
+        "ORDER BY 1", (epoch, epoch, epoch)).fetchall()
+    if last is None:
+        # TODO: without a readable next_seq, ids after the last salvaged one
+        # are not reported; ends when next_seq is also kept in each segment.
+        last = max((hi for _, hi in covered), default=0)
+    lost, expected = [], 1
+    for lo, hi in covered:
+        if lo > expected:
+            lost.append((expected, lo - 1))
+        expected = max(expected, hi + 1)
+    if expected <= last:
+        lost.append((expected, last))
+    if not lost:
+        return
+    with box.transaction():
+        box.conn.executemany(
+            "INSERT INTO skipped (epoch, stream, first_seq, last_seq, reason, at) "
+            "VALUES (?, 'unknown', ?, ?, ?, ?)",
+            [(epoch, lo, hi, LOST_REASON, time.time()) for lo, hi in lost])
+    result.lost_ranges = lost
+    log.warning("outbox %s: %d ids of epoch %s were lost with the damage; they "
+                "are reported to the core as skipped", result.path,
+                sum(hi - lo + 1 for lo, hi in lost), epoch)
 
 
 def _open_source(path: Path) -> sqlite3.Connection | None:

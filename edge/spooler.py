@@ -73,6 +73,7 @@ class Spooler:
         self._lock = take_daemon_lock(cfg.outbox.path + ".lock")
         self.outbox = Outbox(cfg.outbox.path, cfg.edge_id)
         self.outbox.priorities = cfg.priorities()
+        self.outbox.keeps_clock = True
         self.ttls = cfg.ttls()
         self.next_sweep = 0.0
         self.next_uptime_save = time.monotonic() + UPTIME_SAVE_S

@@ -304,7 +304,8 @@ def test_the_salvage_warning_counts_what_was_kept_and_lost(outbox_path, caplog):
     segments = result.tallies["segments"]
     assert segments.salvaged + segments.lost == 30
     assert segments.records == 100 * segments.salvaged
-    (warning,) = [r for r in caplog.records if r.name == "edge.salvage"]
+    (warning,) = [r for r in caplog.records if r.name == "edge.salvage"
+                  and "set it aside" in r.getMessage()]
     assert warning.levelname == "WARNING"
     text = warning.getMessage()
     assert f"salvaged {segments.salvaged} segments ({segments.records} records)" in text
@@ -607,3 +608,34 @@ def test_damage_found_while_running_stops_once_and_the_restart_salvages(
                30, message=spooler.log_tail())
     assert spooler.running
     assert not (tmp_path / "o.db.damaged").exists()
+
+
+def test_ids_lost_with_the_damage_are_reported_as_skipped(tmp_path):
+    import sqlite3 as _sqlite3
+
+    from edge.outbox import Outbox as _Outbox
+    from edge.outbox import Record as _Record
+
+    path = tmp_path / "o.db"
+    box = _Outbox(path, "e1")
+    old_epoch = box.epoch
+    pad = "p" * 400
+    box.accept([_Record("s", '{"n": %d, "pad": "%s"}' % (i, pad), 1767225600.0)
+                for i in range(300)], segment_records=50)
+    box.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    box.close()
+    with open(path, "r+b") as f:  # the second half of the file is gone
+        f.truncate(path.stat().st_size // 2)
+
+    fresh = _Outbox(path, "e1")
+
+    kept = {s for (f, n) in fresh.conn.execute(
+        "SELECT first_seq, count FROM segments WHERE epoch = ?", (old_epoch,))
+        for s in range(f, f + n)}
+    lost = {s for r in fresh.skipped_pending() if r.epoch == old_epoch
+            for s in range(r.first_seq, r.last_seq + 1)}
+    assert lost
+    assert kept | lost == set(range(1, 301))
+    assert not kept & lost
+    assert {r.reason for r in fresh.skipped_pending()} == {
+        "lost in a damaged outbox (some may have been stored before)"}

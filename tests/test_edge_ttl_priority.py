@@ -186,3 +186,47 @@ def test_records_past_their_ttl_while_offline_reach_the_core_as_skipped(
     assert conn.execute("SELECT min(first_seq), max(last_seq), reason FROM skipped"
                         ).fetchone() == (stale[0].seq, stale[-1].seq, "ttl expired")
     assert kept[0].seq == 11
+
+
+def test_a_record_a_producer_accepts_starts_its_ttl_when_the_daemon_sees_it(
+        tmp_path):
+    daemon = Outbox(tmp_path / "o.db", "e1")
+    daemon.keeps_clock = True
+    daemon._uptime_base = 5000.0  # the daemon ran long since the clock was saved
+    producer = Outbox(tmp_path / "o.db", "e1")
+    producer.accept([Record("short", "1", time.time())])
+
+    assert daemon.expire({"short": 10.0}, keep=set()) == 0
+    (stamped,) = daemon.conn.execute(
+        "SELECT accepted_uptime FROM segments").fetchone()
+    assert stamped >= 5000.0
+
+
+def test_drop_oldest_as_the_outbox_default_drops_any_stream(tmp_path):
+    from edge.outbox import Limits
+
+    outbox = Outbox(tmp_path / "o.db", "e1")
+    limits = Limits(max_records=5, default_drop=True)
+    outbox.accept([Record("s", "1", 0.0)] * 4, limits=limits, segment_records=2)
+
+    outbox.accept([Record("s", "2", 0.0)] * 2, limits=limits, segment_records=2)
+
+    assert outbox.totals()[0] == 4
+    assert [(r.first_seq, r.last_seq) for r in outbox.skipped_pending()] == [(1, 2)]
+
+
+@pytest.mark.parametrize("setting", ["publish: {max_records_per_s: .nan}",
+                                     "streams: {s: {ttl: .inf}}",
+                                     "publish: {resend_initial: .nan}"])
+def test_a_number_that_is_not_finite_is_a_config_error(tmp_path, setting):
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(f"edge_id: e1\n{setting}\n")
+
+    done = subprocess.run([sys.executable, "-m", "edge", "check", "-c", str(cfg)],
+                          capture_output=True, text=True, timeout=30)
+
+    assert done.returncode == 78
+    assert "finite" in done.stderr
