@@ -121,8 +121,8 @@ class Datastore(ABC):
         """One mapping per edge, by edge_id.
 
         Keys: edge_id, records, dead_letters, first_seen, last_seen,
-        last_created_at (RFC 3339 text or None), missing (seqs between the
-        lowest and highest stored of each epoch that are neither stored nor
+        last_created_at (RFC 3339 text or None), missing (seqs from 1 to
+        the highest stored of each epoch that are neither stored nor
         skipped), online (bool, None before any status message),
         online_since, epochs (per epoch: first_seq, last_seq, records,
         contiguous, missing), gaps and skipped (the first LISTED_RANGES

@@ -1,7 +1,7 @@
 """Gap bookkeeping: which seqs of an epoch are still missing, as ranges.
 
-A gap is a range of seqs between the lowest and the highest stored seq of an
-epoch that is neither stored nor reported skipped. The backends keep the open
+A gap is a range of seqs between 1 (where every epoch starts) and the highest
+stored seq of an epoch that is neither stored nor reported skipped. The backends keep the open
 gaps in a `gaps` table, updated in the transaction of each batch, so that
 `status` reads a few small rows instead of scanning `records`. This module is
 the arithmetic both backends share; it never touches a database.
@@ -91,7 +91,9 @@ def _new_regions(span: Range | None, stored: list[Range]) -> list[Range]:
         return []
     low, high = stored[0][0], stored[-1][1]
     if span is None:
-        return [(low, high)]
+        # Every epoch's seqs start at 1: what came before the first stored
+        # seq is missing too (a damaged outbox, a lost first batch).
+        return [(1, high)]
     regions = []
     if low < span[0]:
         regions.append((low, span[0] - 1))

@@ -50,11 +50,15 @@ def test_gaps_close_as_late_and_duplicate_records_arrive(store):
     assert only_edge(store)["missing"] == 3
 
 
-def test_a_record_below_the_lowest_stored_opens_a_gap_below(store):
+def test_gaps_start_at_seq_one_and_a_late_record_splits_them(store):
     store.store(records(10))
+    assert gaps_of(store) == [(1, 9)]
+
     store.store(records(7))
 
-    assert gaps_of(store) == [(8, 9)]
+    assert gaps_of(store) == [(1, 6), (8, 9)]
+    assert only_edge(store)["epochs"][0]["contiguous"] == 0
+    store.store(records(*range(1, 7)))
     assert only_edge(store)["epochs"][0]["contiguous"] == 7
 
 
@@ -79,7 +83,8 @@ def test_ids_skipped_before_later_records_arrive_are_not_gaps_either(store):
 
 
 def test_epochs_and_edges_keep_their_own_gaps(store):
-    store.store(records(1, 3) + records(1, 4, epoch="ep2") + records(2, edge_id="e2"))
+    store.store(records(1, 3) + records(1, 4, epoch="ep2")
+                + records(1, 2, edge_id="e2"))
 
     assert gaps_of(store, "e1") == [(2, 2), (2, 3)]
     summary = {edge["edge_id"]: edge for edge in store.edge_summary()}
@@ -95,7 +100,7 @@ def test_random_arrival_order_with_repeats_matches_a_full_recount(store):
     for start in range(0, len(arrivals), 23):
         store.store(records(*arrivals[start : start + 23]))
 
-    span = [(min(sent), max(sent))]
+    span = [(1, max(sent))]
     assert gaps_of(store) == subtract(span, as_ranges(sent))
 
 
