@@ -14,6 +14,9 @@ accepted while the path was down, and both again over an emulated link of
 100 ms round trip and 1 % loss when this machine can make one. Then it
 measures an idle edge. Each figure is the median of --runs runs; runs of
 the systems alternate, so drift in the machine hits all alike.
+With --pg (or --only pg) it also measures PostgreSQL ingest: a backlog
+drain from several spoolers into one collector and into a share group of
+three (scripts/lib/bench_postgres.py).
 
 Every broker and daemon is started by this script on 127.0.0.1 or inside
 network namespaces it makes, and stopped by PID at the end of its run.
@@ -42,6 +45,7 @@ sys.path[:0] = [str(ROOT), str(LIB)]
 
 import bench_bridge
 import bench_netem
+import bench_postgres
 import bench_spoolmq
 from bench_bridge import Result
 from bench_procs import (
@@ -66,6 +70,8 @@ QUICK = {
     "runs": 1,
     "idle_seconds": 3.0,
     "netem_records": 1000,
+    "pg_edges": 2,
+    "pg_records": 1000,
 }
 IDLE_SETTLE_S = 1.0
 
@@ -131,6 +137,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--skip", default="", help="comma-separated: " + ", ".join(SKIPPABLE)
     )
     parser.add_argument(
+        "--pg",
+        action="store_true",
+        help="also measure PostgreSQL ingest: a backlog drain from --pg-edges "
+        "spoolers into one collector and into a share group of three "
+        "(scripts/lib/bench_postgres.py); off by default",
+    )
+    parser.add_argument(
+        "--only",
+        choices=["pg"],
+        help="measure only this: --only pg is --pg with everything else skipped",
+    )
+    parser.add_argument(
+        "--pg-edges", type=int, default=4, help="edges for --pg (default 4)"
+    )
+    parser.add_argument(
+        "--pg-records",
+        type=int,
+        default=50_000,
+        help="records per edge for --pg (default 50000)",
+    )
+    parser.add_argument(
         "--seed", type=int, default=1, help="seed of the records (default 1)"
     )
     parser.add_argument(
@@ -155,7 +182,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             f"--skip: unknown {', '.join(sorted(unknown))}; "
             f"allowed: {', '.join(SKIPPABLE)}"
         )
-    for key in ("records", "backlog", "netem_records", "runs"):
+    if args.only == "pg":
+        args.pg, args.skip = True, set(SKIPPABLE)
+    for key in (
+        "records",
+        "backlog",
+        "netem_records",
+        "runs",
+        "pg_edges",
+        "pg_records",
+    ):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be at least 1")
     if args.idle_seconds <= 0:
@@ -191,12 +227,16 @@ def main(argv: list[str]) -> int:
     try:
         cells, notes = measure_all(args, scratch)
         idle = measure_idle(args, scratch)
+        pg = bench_postgres.measure(args, scratch) if args.pg else {}
     finally:
         if not args.scratch:
             shutil.rmtree(scratch, ignore_errors=True)
-    print_table(args, cells, notes)
-    print_idle(args, idle)
-    failed = [c for c in cells.values() if c.error] + [
+    if not args.only:
+        print_table(args, cells, notes)
+        print_idle(args, idle)
+    if pg:
+        bench_postgres.print_table(args, pg)
+    failed = [c for c in [*cells.values(), *pg.values()] if c.error] + [
         v for v in idle.values() if isinstance(v, str) and v.startswith("failed")
     ]
     print(
@@ -223,19 +263,21 @@ def measure_all(args, scratch: Path) -> tuple[dict, dict]:
         "netem steady": args.netem_records,
         "netem backlog": args.netem_records,
     }
-    biggest = max(sizes.values())
-    records = make_records(biggest, args.seed)
-    files = {}
-    for count in sorted(set(sizes.values())):
-        files[count] = write_lines(scratch / f"records-{count}.jsonl", records[:count])
-    del records
-
     cells = {(scenario, system): Cell() for scenario in SCENARIOS for system in SYSTEMS}
     notes = {}
     for scenario in SCENARIOS:
         reason = skip_reason(args, scenario)
         for system in SYSTEMS:
             cells[scenario, system].skipped = reason or skip_reason(args, system)
+    if all(cell.skipped for cell in cells.values()):
+        return cells, notes
+
+    biggest = max(sizes.values())
+    records = make_records(biggest, args.seed)
+    files = {}
+    for count in sorted(set(sizes.values())):
+        files[count] = write_lines(scratch / f"records-{count}.jsonl", records[:count])
+    del records
 
     for scenario in ("steady", "backlog"):
         run_scenario(
