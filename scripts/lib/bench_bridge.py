@@ -183,10 +183,12 @@ def wait_pub(pub: Proc, count: int) -> None:
 def wait_sub(sub: Proc, out: Path, count: int, pub: Proc | None) -> float:
     """Wait for the subscriber's N-th message; return the time it exited.
 
-    NOTE: mosquitto_pub 2.0.11 with -l and -q 1 exits at the end of its input
+    TODO: mosquitto_pub 2.0.11 with -l and -q 1 exits at the end of its input
     with part of what it read never sent (100,000 lines: about 34,000
-    arrive). Once the publisher is gone and nothing more arrives for
-    STALL_S, the run fails saying so, rather than wait out its time limit.
+    arrive), so the Mosquitto rows fail at full size. Once the publisher is
+    gone and nothing more arrives for STALL_S, the run fails saying so.
+    Ends when the publisher's stdin is held open until the subscriber has
+    every record.
     """
     deadline = time.monotonic() + time_limit(count)
     seen, since = -1, time.monotonic()
