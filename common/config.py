@@ -188,7 +188,9 @@ def mask_url(text: str) -> str:
     """Hide the password of a URL such as postgresql://user:pw@host/db."""
     # The user part may be empty (postgresql://:pw@host/db is valid).
     # Up to the last "@": a password may itself hold "@" or "/".
-    return re.sub(r"(://[^:/@\s]*:)\S*@", r"\1***@", text)
+    text = re.sub(r"(://[^:/@\s]*:)\S*@", r"\1***@", text)
+    # libpq also takes it as a query parameter: ?password=... or &password=...
+    return re.sub(r"([?&]password=)[^&\s]*", r"\1***", text, flags=re.I)
 
 
 def dump_effective(obj: Any) -> str:

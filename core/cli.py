@@ -177,6 +177,11 @@ def cmd_gaps(args: argparse.Namespace) -> Exit:
     cfg = _load_config(args)
     store = open_datastore(cfg.datastore.url, readonly=True)
     try:
+        known = {edge["edge_id"] for edge in store.edge_summary()}
+        if args.edge_id not in known:
+            raise SpoolmqError(
+                f"no edge {args.edge_id!r} in the datastore; "
+                "core-collector status lists the edges", exit_code=Exit.DATAERR)
         report = build_gaps_report(store, args.edge_id)
     finally:
         store.close()

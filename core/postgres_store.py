@@ -772,10 +772,14 @@ AUTH_MESSAGES = (
 def _connect_refusal(exc: psycopg.Error) -> tuple[Exit, str]:
     """The exit code and the one-line reason for a connection that failed."""
     text = _one_line(exc).removeprefix("connection failed: ")
+    text = text.removeprefix("connection is bad: ")
     if 'role "' in text and "does not exist" in text:
         return Exit.NOPERM, f"credentials refused: {text}"
     if any(message in text for message in AUTH_MESSAGES):
         return Exit.NOPERM, f"credentials refused: {text}; check the URL's user"
+    if text.startswith("invalid ") or "invalid connection option" in text:
+        # libpq refused an option of the URL itself (sslmode=bogus, ...).
+        return Exit.CONFIG, f"datastore.url: {text}"
     if 'database "' in text and "does not exist" in text:
         return (
             Exit.UNAVAILABLE,

@@ -177,3 +177,12 @@ def test_status_exits_75_when_an_edge_fell_silent(config, capsys):
 
     assert main(["status", "-c", str(config)]) == 75
     assert "e1" in one_line(capsys.readouterr().err)
+
+
+def test_gaps_of_an_edge_the_datastore_does_not_know_exits_65(config, capsys):
+    stored(config, 1, 3)
+
+    code = main(["gaps", "-c", str(config), "nosuch"])
+
+    assert code == 65
+    assert "no edge 'nosuch'" in one_line(capsys.readouterr().err)

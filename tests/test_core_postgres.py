@@ -395,3 +395,23 @@ def test_status_reports_what_the_collector_stored(
 def test_status_on_an_empty_database_exits_69(postgres_url, tmp_path, capsys):
     assert main(["status", "-c", str(write_config(tmp_path, postgres_url))]) == 69
     assert "core-collector run" in one_line(capsys.readouterr().err)
+
+
+def test_a_password_in_the_url_query_is_masked():
+    from common.config import mask_url
+
+    masked = mask_url("postgresql://u@h:5432/db?sslmode=require&password=topsecret")
+
+    assert "topsecret" not in masked
+    assert masked.endswith("password=***")
+
+
+def test_an_option_libpq_refuses_is_a_config_error(postgres_url):
+    from common.exits import Exit
+    from core.datastore import open_datastore
+    from core.errors import DatastoreError
+
+    with pytest.raises(DatastoreError) as caught:
+        open_datastore(postgres_url + "?sslmode=bogus")
+
+    assert caught.value.exit_code == Exit.CONFIG
