@@ -24,7 +24,10 @@ def name_problem(name: str) -> str | None:
         return None
     bad = sorted({c for c in name if not re.match(r"[A-Za-z0-9_.-]", c)})
     shown = ", ".join(repr(c) for c in bad) if bad else repr(name[0])
-    return f"may hold only letters, digits, '_', '.', '-' and start with one of the first two; found {shown}"
+    return (
+        "may hold only letters, digits, '_', '.', '-' and start with one of "
+        f"the first two; found {shown}"
+    )
 
 
 class Topics:

@@ -79,8 +79,10 @@ def test_every_bad_spool_file_is_quarantined_with_its_reason_and_good_ones_flow(
 
     expected = {**CASES["spool"], **CASES["special"]}
     failed = spool / ".failed"
-    wait_until(lambda: all((failed / f"{n}.reason").exists() for n in expected), 30,
-               message=f"not quarantined: {[n for n in expected if not (failed / (n + '.reason')).exists()]}")
+    def waiting() -> list[str]:
+        return [n for n in expected if not (failed / f"{n}.reason").exists()]
+
+    wait_until(lambda: not waiting(), 30, message=f"not quarantined: {waiting()}")
     for name, text in expected.items():
         reason = (failed / f"{name}.reason").read_text()
         assert text in reason, f"{name}: {reason!r}"

@@ -85,7 +85,7 @@ def test_a_collector_killed_mid_batch_twice_leaves_its_uncommitted_messages_to_t
 
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol", PROTOCOLS, ids=lambda p: f"mqtt{p}")
-def test_a_broker_restart_while_the_collectors_acks_are_pending_acks_nothing_from_the_old_connection(
+def test_a_broker_restart_with_acks_pending_acks_nothing_of_the_old_connection(
     tmp_path, broker_factory, daemons, protocol
 ):
     broker = broker_factory(**VERBOSE_BROKER)
