@@ -152,10 +152,6 @@ def batch_overhead(edge_id: str, epoch: str, stream: str) -> int:
     return len(encode_batch(edge_id, epoch, stream, []))
 
 
-def record_wire_size(rec: WireRecord) -> int:
-    """Bytes one record adds to an uncompressed batch (a safe upper bound)."""
-    return len(rec.payload.encode()) + 80
-
 
 def decode_batch(data: bytes) -> Batch:
     """A data message into a Batch; EnvelopeError names what is wrong."""

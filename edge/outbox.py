@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from common.envelope import to_ranges
 from common.exits import Exit
 from edge.errors import OutboxBusy, OutboxError, OutboxFull, SpoolError
 
@@ -362,7 +363,6 @@ class Outbox:
         if not limits.can_drop:
             return 0
         where, params = limits.drop_clause()
-        dropped, now = 0, time.time()
         cursor = self.conn.execute(
             f"SELECT id, epoch, stream, first_seq, count, bytes FROM segments "
             f"WHERE {where} ORDER BY id", params)
@@ -373,15 +373,21 @@ class Outbox:
             victims.append((seg_id, epoch, stream, first_seq, count))
             records, bytes_ = records - count, bytes_ - size
         cursor.close()
-        for seg_id, epoch, stream, first_seq, count in victims:
-            self.conn.execute("DELETE FROM segments WHERE id = ?", (seg_id,))
-            self.conn.execute(
-                "INSERT INTO skipped (epoch, stream, first_seq, last_seq, reason, "
-                "at) VALUES (?, ?, ?, ?, ?, ?)",
-                (epoch, stream, first_seq, first_seq + count - 1,
-                 "outbox full: dropped oldest (when_full: drop_oldest)", now))
-            dropped += count
-        return dropped
+        return self._give_up(
+            victims, "outbox full: dropped oldest (when_full: drop_oldest)")
+
+    def _give_up(self, victims: list[tuple], reason: str) -> int:
+        """Delete segments (id, epoch, stream, first_seq, count) and note
+        them as skipped, inside the caller's transaction; returns records."""
+        now = time.time()
+        self.conn.executemany("DELETE FROM segments WHERE id = ?",
+                              [(v[0],) for v in victims])
+        self.conn.executemany(
+            "INSERT INTO skipped (epoch, stream, first_seq, last_seq, reason, at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [(epoch, stream, first, first + count - 1, reason, now)
+             for _, epoch, stream, first, count in victims])
+        return sum(v[4] for v in victims)
 
     def _take_seqs(self, n: int) -> int:
         row = self.conn.execute(
@@ -436,7 +442,7 @@ class Outbox:
         spent counts only when the clock can be trusted. Segments in `keep`
         (being published) are left alone. Returns records dropped.
         """
-        uptime, wall, now = self.uptime(), time.time(), time.time()
+        uptime, wall = self.uptime(), time.time()
         with self.transaction():
             # Segments a producer accepted since the last look start their
             # clock now: at most one sweep later than their true acceptance.
@@ -455,14 +461,7 @@ class Outbox:
         if not victims:
             return 0
         with self.transaction():
-            for seg_id, epoch, stream, first_seq, count in victims:
-                self.conn.execute("DELETE FROM segments WHERE id = ?", (seg_id,))
-                self.conn.execute(
-                    "INSERT INTO skipped (epoch, stream, first_seq, last_seq, "
-                    "reason, at) VALUES (?, ?, ?, ?, ?, ?)",
-                    (epoch, stream, first_seq, first_seq + count - 1,
-                     "ttl expired", now))
-        return sum(v[4] for v in victims)
+            return self._give_up(victims, "ttl expired")
 
     def committed_claims(self, claims: Iterable[str]) -> set[str]:
         """Which of these spool claims an earlier transaction committed."""
@@ -549,15 +548,10 @@ class Outbox:
             self._note_skipped(epoch, stream, seqs, f"dead-lettered: {reason}", now)
 
     def _note_skipped(self, epoch, stream, seqs, reason, now) -> None:
-        rows = []
-        for seq in seqs:
-            if rows and rows[-1][3] == seq - 1:
-                rows[-1][3] = seq
-            else:
-                rows.append([epoch, stream, seq, seq, reason, now])
         self.conn.executemany(
             "INSERT INTO skipped (epoch, stream, first_seq, last_seq, reason, at) "
-            "VALUES (?, ?, ?, ?, ?, ?)", rows)
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [(epoch, stream, a, b, reason, now) for a, b in to_ranges(seqs)])
 
     def skipped_pending(self) -> list[SkippedRow]:
         return [SkippedRow(*r) for r in self.conn.execute(

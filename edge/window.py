@@ -107,7 +107,6 @@ class Window:
         self._order = itertools.count()
         self.unconfirmed = 0  # published and not yet confirmed
         self.held = 0  # records in memory not yet confirmed
-        self.last_id = 0
         self.done: list[int] = []  # segment ids fully confirmed, to delete
         self.confirmed_total = 0
         self.resent_total = 0
@@ -128,7 +127,6 @@ class Window:
             self.held += seg.count
             bisect.insort(self._by_epoch.setdefault(seg.epoch, []),
                           (seg.first_seq, seg.id))
-            self.last_id = max(self.last_id, seg.id)
 
     # --- publishing ------------------------------------------------------
 
