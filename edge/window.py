@@ -24,6 +24,8 @@ from edge.outbox import SegmentRow, decode_body
 
 log = logging.getLogger("edge.window")
 
+PRUNE_FLOOR = 64  # flights kept before dead ones are pruned
+
 
 class Segment:
     """One outbox row in memory: its records and which are still unconfirmed."""
@@ -53,17 +55,24 @@ class Segment:
 
 @dataclass(order=True)
 class Flight:
-    """Records published together, and when to send them again."""
+    """Records published together, and when to send them again.
+
+    It names its segments by id, so a confirmed flight waiting for its timer
+    does not keep their records in memory.
+    """
 
     due: float
     order: int
     attempt: int = field(compare=False)
-    pieces: list[tuple[Segment, list[int]]] = field(compare=False)
+    pieces: list[tuple[int, list[int]]] = field(compare=False)
     since: float = field(compare=False, default=0.0)  # first publication
 
-    def pending(self) -> list[tuple[Segment, list[int]]]:
+    def pending(self, segments: dict[int, Segment]) -> list[tuple[Segment, list[int]]]:
         out = []
-        for seg, offsets in self.pieces:
+        for seg_id, offsets in self.pieces:
+            seg = segments.get(seg_id)
+            if seg is None:
+                continue  # wholly confirmed and dropped
             left = [o for o in offsets if o in seg.unconfirmed]
             if left:
                 out.append((seg, left))
@@ -104,6 +113,7 @@ class Window:
         self.last_ids: dict[int, int] = {}  # per priority, highest id loaded
         self._by_epoch: dict[str, list[tuple[int, int]]] = {}  # (first_seq, id)
         self._flights: list[Flight] = []
+        self._prune_at = PRUNE_FLOOR
         self._order = itertools.count()
         self.unconfirmed = 0  # published and not yet confirmed
         self.held = 0  # records in memory not yet confirmed
@@ -183,22 +193,24 @@ class Window:
                 self.unconfirmed += sum(1 for o in offsets if o in seg.unconfirmed)
         delay = min(self.resend_max, self.resend_initial * 2 ** chunk.attempt)
         since = now if chunk.since is None else chunk.since
+        pieces = [(seg.id, offsets) for seg, offsets in chunk.pieces]
         heapq.heappush(self._flights, Flight(now + delay, next(self._order),
-                                             chunk.attempt, chunk.pieces, since))
-        # A confirmed flight stays in the heap until its timer runs out, and
-        # holds its segments' records in memory. Live flights are at most W
-        # (each holds an unconfirmed record), so past 2 W prune the dead ones:
-        # memory stays flat however fast records drain.
-        if len(self._flights) > 2 * max(self.limit, 64):
-            self._flights = [f for f in self._flights if f.pending()]
+                                             chunk.attempt, pieces, since))
+        # A confirmed flight stays in the heap until its timer runs out. Past
+        # twice the live ones of the last pruning (plus a floor), prune the
+        # dead: the heap stays near the live count, at a cost per flight
+        # pushed that does not grow.
+        if len(self._flights) > self._prune_at:
+            self._flights = [f for f in self._flights if f.pending(self.segments)]
             heapq.heapify(self._flights)
+            self._prune_at = 2 * len(self._flights) + PRUNE_FLOOR
 
     def due_resends(self, now: float, paused: bool = False) -> list[Chunk]:
         """Flights whose timer ran out, as chunks to publish again."""
         out = []
         while self._flights and self._flights[0].due <= now:
             flight = heapq.heappop(self._flights)
-            left = flight.pending()
+            left = flight.pending(self.segments)
             if not left:
                 continue
             if paused:
@@ -291,5 +303,5 @@ class Window:
 
     def oldest_unconfirmed_since(self) -> float | None:
         """When the oldest still-unconfirmed flight was first published."""
-        live = [f.since for f in self._flights if f.pending()]
+        live = [f.since for f in self._flights if f.pending(self.segments)]
         return min(live) if live else None

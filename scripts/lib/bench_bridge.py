@@ -1,6 +1,6 @@
 """Mosquitto without spoolmq: its own clients on one broker, and a bridge.
 
-Every run uses ``mosquitto_pub -q 1 -l`` fed the records file on stdin and
+Every run uses ``mosquitto_pub -q 1 -l`` fed the records through a pipe and
 ``mosquitto_sub -q 1 -C N`` on a persistent session (``-c -i ID``) made
 beforehand with ``-E``, so nothing published before the subscriber runs is
 lost. The time is taken from the start of the path (the publisher's start,
@@ -10,7 +10,11 @@ its N-th message; its output is then checked to hold every record once.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +29,7 @@ from bench_procs import (
     Usage,
     find_tool,
     usage,
+    wait_bounded,
 )
 
 TOPIC = "bench/records"
@@ -32,7 +37,6 @@ SUB_ID = "bench-sub"
 BRIDGE_ID = "bench-bridge"
 SESSION_TIMEOUT_S = 20.0
 MIN_RATE = 100.0  # records/s below which a run is given up as stuck
-STALL_S = 10.0
 
 # Mosquitto's default window, and none at all; on both brokers of a bridge.
 WINDOWS = {
@@ -79,27 +83,29 @@ def bridge_section(core: MosquittoBroker) -> str:
     )
 
 
+def client_argv(tool: str, broker: MosquittoBroker, *args: object) -> list:
+    """A Mosquitto client at QoS 1 on the bench topic of ``broker``."""
+    return [
+        find_tool(tool),
+        "-h",
+        broker.site.host,
+        "-p",
+        broker.port,
+        "-q",
+        "1",
+        "-t",
+        TOPIC,
+        *args,
+    ]
+
+
 def make_session(broker: MosquittoBroker, procs: Procs, workdir: Path) -> None:
     """Create the subscriber's persistent session and subscription, then leave."""
     proc = procs.add(
         Proc(
             "mosquitto_sub -E",
             broker.site.argv(
-                [
-                    find_tool("mosquitto_sub"),
-                    "-h",
-                    broker.site.host,
-                    "-p",
-                    broker.port,
-                    "-q",
-                    "1",
-                    "-c",
-                    "-i",
-                    SUB_ID,
-                    "-t",
-                    TOPIC,
-                    "-E",
-                ]
+                client_argv("mosquitto_sub", broker, "-c", "-i", SUB_ID, "-E")
             ),
             workdir / "sub-session.log",
         )
@@ -118,22 +124,7 @@ def start_sub(
         Proc(
             "mosquitto_sub",
             broker.site.argv(
-                [
-                    find_tool("mosquitto_sub"),
-                    "-h",
-                    broker.site.host,
-                    "-p",
-                    broker.port,
-                    "-q",
-                    "1",
-                    "-c",
-                    "-i",
-                    SUB_ID,
-                    "-t",
-                    TOPIC,
-                    "-C",
-                    count,
-                ]
+                client_argv("mosquitto_sub", broker, "-c", "-i", SUB_ID, "-C", count)
             ),
             workdir / "sub.log",
             stdout=out,
@@ -142,86 +133,106 @@ def start_sub(
     return proc, out
 
 
+class Publisher:
+    """``mosquitto_pub -q 1 -l`` fed the records through a pipe held open.
+
+    mosquitto_pub 2.0.11 leaves at the end of its input with messages it
+    read but never sent (of 100,000 lines about 34,000 arrive), so its input
+    stays open until the records are known to have arrived: at the
+    subscriber, or, with ``count_acks``, by the PUBACKs in its ``-d`` output
+    (line-buffered through ``stdbuf``), which a backlog needs before its
+    clock starts.
+    """
+
+    def __init__(self, proc: Proc, records: Path, count_acks: bool) -> None:
+        self.proc = proc
+        self.acked = 0
+        self._threads = [threading.Thread(target=self._feed, args=(records,))]
+        if count_acks:
+            self._threads.append(threading.Thread(target=self._count))
+        for thread in self._threads:
+            thread.daemon = True
+            thread.start()
+
+    def _feed(self, records: Path) -> None:
+        try:
+            with open(records, "rb") as f:
+                shutil.copyfileobj(f, self.proc.popen.stdin, 1 << 16)
+            self.proc.popen.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            pass  # it exited early; finish() reports its exit code
+
+    def _count(self) -> None:
+        for line in self.proc.popen.stdout:
+            if b" received PUBACK" in line:
+                self.acked += 1
+
+    def wait_acked(self, count: int) -> None:
+        """Wait until the broker acknowledged ``count`` messages."""
+
+        def acked() -> bool:
+            if self.acked >= count:
+                return True
+            if not self.proc.running:
+                self.finish()
+                raise BenchError(
+                    f"mosquitto_pub left with {self.acked} of {count} messages "
+                    f"acknowledged; log {self.proc.log}"
+                )
+            return False
+
+        wait_bounded(acked, time_limit(count), f"mosquitto_pub: {count} acknowledged")
+
+    def finish(self) -> None:
+        """Close its input and check that it exited cleanly."""
+        self._threads[0].join(SESSION_TIMEOUT_S)
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.popen.stdin.close()
+        code = self.proc.wait(SESSION_TIMEOUT_S)
+        if code != 0:
+            raise BenchError(f"mosquitto_pub exited {code}; log {self.proc.log}")
+
+
 def publish(
     broker: MosquittoBroker,
     procs: Procs,
     workdir: Path,
     records: Path,
     site: Site | None = None,
-) -> Proc:
+    *,
+    count_acks: bool = False,
+) -> Publisher:
     """mosquitto_pub, run on ``site`` (default: the broker's) into ``broker``."""
-    return procs.add(
-        Proc(
-            "mosquitto_pub",
-            (site or broker.site).argv(
-                [
-                    find_tool("mosquitto_pub"),
-                    "-h",
-                    broker.site.host,
-                    "-p",
-                    broker.port,
-                    "-q",
-                    "1",
-                    "-i",
-                    "bench-pub",
-                    "-t",
-                    TOPIC,
-                    "-l",
-                ]
-            ),
-            workdir / "pub.log",
-            stdin=records,
-        )
+    argv = client_argv("mosquitto_pub", broker, "-i", "bench-pub", "-l")
+    if count_acks:
+        argv = [find_tool("stdbuf"), "-oL", *argv, "-d"]
+    proc = Proc(
+        "mosquitto_pub",
+        (site or broker.site).argv(argv),
+        workdir / "pub.log",
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE if count_acks else None,
     )
+    procs.add(proc)
+    return Publisher(proc, records, count_acks)
 
 
-def wait_pub(pub: Proc, count: int) -> None:
-    if pub.wait(time_limit(count)) != 0:
-        raise BenchError(f"mosquitto_pub exited {pub.popen.returncode}; log {pub.log}")
+def wait_sub(sub: Proc, count: int, pub: Publisher | None) -> float:
+    """Wait for the subscriber's N-th message; return the time it exited."""
 
-
-def wait_sub(sub: Proc, out: Path, count: int, pub: Proc | None) -> float:
-    """Wait for the subscriber's N-th message; return the time it exited.
-
-    TODO: mosquitto_pub 2.0.11 with -l and -q 1 exits at the end of its input
-    with part of what it read never sent (100,000 lines: about 34,000
-    arrive), so the Mosquitto rows fail at full size. Once the publisher is
-    gone and nothing more arrives for STALL_S, the run fails saying so.
-    Ends when the publisher's stdin is held open until the subscriber has
-    every record.
-    """
-    deadline = time.monotonic() + time_limit(count)
-    seen, since = -1, time.monotonic()
-    for _ in range(int(time_limit(count) / 0.02) + 2):
+    def exited() -> float | None:
         if not sub.running:
             if sub.popen.returncode != 0:
                 raise BenchError(
                     f"mosquitto_sub exited {sub.popen.returncode}; log {sub.log}"
                 )
             return time.monotonic()
-        now = time.monotonic()
-        if now >= deadline:
-            break
-        if pub is not None and not pub.running and now - since >= 1.0:
-            lines = _count_lines(out)
-            if lines == seen and now - since >= STALL_S:
-                raise BenchError(
-                    f"mosquitto_pub -l exited at the end of its input with "
-                    f"messages unsent: {lines} of {count} arrived (a fault "
-                    f"of mosquitto_pub 2.0.11; not measured)"
-                )
-            if lines != seen:
-                seen, since = lines, now
-        time.sleep(0.02)
-    raise BenchError(
-        f"mosquitto_sub: {count} messages not received within "
-        f"{time_limit(count):.0f} s; log {sub.log}"
-    )
+        if pub is not None and not pub.proc.running:
+            pub.finish()
+            raise BenchError(f"mosquitto_pub left early; log {pub.proc.log}")
+        return None
 
-
-def _count_lines(path: Path) -> int:
-    with open(path, "rb") as f:
-        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    return wait_bounded(exited, time_limit(count), f"mosquitto_sub: {count} received")
 
 
 def check_received(out: Path, count: int) -> None:
@@ -262,17 +273,18 @@ def ceiling(
         broker.start()
         make_session(broker, procs, workdir)
         if backlog:
-            pub = publish(broker, procs, workdir, records, edge_site)
-            wait_pub(pub, count)
+            pub = publish(broker, procs, workdir, records, edge_site, count_acks=True)
+            pub.wait_acked(count)
+            pub.finish()
             began = time.monotonic()
             sub, out = start_sub(broker, procs, workdir, count)
         else:
             sub, out = start_sub(broker, procs, workdir, count)
             began = time.monotonic()
             pub = publish(broker, procs, workdir, records, edge_site)
-        ended = wait_sub(sub, out, count, pub)
+        ended = wait_sub(sub, count, None if backlog else pub)
         if not backlog:
-            wait_pub(pub, count)
+            pub.finish()
         check_received(out, count)
         return Result(count, ended - began)
     finally:
@@ -323,8 +335,9 @@ def bridge(
         if backlog:
             # The edge's CPU and disk count both accepting and draining.
             before = usage(edge.pid)
-            pub = publish(edge, procs, workdir, records)
-            wait_pub(pub, count)
+            pub = publish(edge, procs, workdir, records, count_acks=True)
+            pub.wait_acked(count)
+            pub.finish()
             began = time.monotonic()
             core.start()
             sub, out = start_sub(core, procs, workdir, count)
@@ -334,10 +347,10 @@ def bridge(
             before = usage(edge.pid)
             began = time.monotonic()
             pub = publish(edge, procs, workdir, records)
-        ended = wait_sub(sub, out, count, pub)
+        ended = wait_sub(sub, count, None if backlog else pub)
         used = usage(edge.pid) - before
         if not backlog:
-            wait_pub(pub, count)
+            pub.finish()
         check_received(out, count)
         return Result(count, ended - began, used)
     finally:

@@ -8,6 +8,7 @@ loopback or over the emulated link unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -149,19 +150,27 @@ class Proc:
         argv: Sequence[str],
         log: Path,
         *,
-        stdin: Path | None = None,
-        stdout: Path | None = None,
+        stdin: Path | int | None = None,
+        stdout: Path | int | None = None,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
     ):
+        """``stdin`` and ``stdout`` are files, or ``subprocess.PIPE``."""
         self.name = name
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
-        with (
-            open(log, "ab") as err,
-            open(stdin or os.devnull, "rb") as inp,
-            open(stdout or log, "ab") as out,
-        ):
+        with contextlib.ExitStack() as files:
+            err = files.enter_context(open(log, "ab"))
+            inp = (
+                stdin
+                if isinstance(stdin, int)
+                else files.enter_context(open(stdin or os.devnull, "rb"))
+            )
+            out = (
+                stdout
+                if isinstance(stdout, int)
+                else files.enter_context(open(stdout or log, "ab"))
+            )
             self.popen = subprocess.Popen(
                 list(argv),
                 stdin=inp,
