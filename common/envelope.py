@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Iterable
 
+import orjson
+
 from common.errors import EnvelopeError
 
 VERSION = 1
@@ -24,6 +26,10 @@ CODECS = ("json", "json+zlib")
 _MAGIC = b"spoolmq/"
 _HEADER_MAX = 64
 MAX_BODY_BYTES = 64 * 1024 * 1024
+# Every byte to b" " but digits to b"0": a run of 19 digits is then a plain
+# substring search, many times faster than a regular expression.
+_DIGITS_TO_ZERO = bytes(48 if 48 <= b <= 57 else 32 for b in range(256))
+_LONG_DIGITS = b"0" * 19
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +50,7 @@ class Batch:
     epoch: str
     stream: str
     records: list[dict]
+    finite: bool = False  # known to hold no infinity (else check each record)
 
 
 def format_time(ts: float) -> str:
@@ -109,7 +116,30 @@ def decode_json(data: bytes) -> Any:
 
 
 def loads_strict(text: bytes | str) -> Any:
-    """json.loads that refuses NaN and Infinity, which are not JSON."""
+    """JSON text to Python values, refusing NaN and Infinity (not JSON)."""
+    return _loads(text)[0]
+
+
+def _loads(text: bytes | str) -> tuple[Any, bool]:
+    """The value, and whether it is known to hold only finite numbers.
+
+    orjson reads most input several times faster than the standard library
+    and refuses NaN, infinities and numbers that overflow a double. What it
+    refuses, and integers too long for 64 bits (which it would turn into
+    floats; any run of 19 digits is taken for one), is left to the standard
+    library, which keeps such integers exact and has the last word on what
+    is not JSON.
+    """
+    data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+    if _LONG_DIGITS not in data.translate(_DIGITS_TO_ZERO):
+        try:
+            return orjson.loads(data), True
+        except orjson.JSONDecodeError:
+            pass
+    return _loads_stdlib(text), False
+
+
+def _loads_stdlib(text: bytes | str) -> Any:
     try:
         return json.loads(text, parse_constant=_refuse_constant)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -136,11 +166,14 @@ def encode_batch(
         % (json.dumps(edge_id), json.dumps(epoch), json.dumps(stream))
     ]
     sep = ""
+    stamp_of, stamp = None, ""  # records accepted together share a time
     for rec in records:
+        if rec.created_at != stamp_of:
+            stamp_of, stamp = rec.created_at, format_time(rec.created_at)
         unsynced = "true" if rec.clock_unsynced else "false"
         parts.append(
             '%s{"seq":%d,"created_at":"%s","clock_unsynced":%s,"payload":%s}'
-            % (sep, rec.seq, format_time(rec.created_at), unsynced, rec.payload)
+            % (sep, rec.seq, stamp, unsynced, rec.payload)
         )
         sep = ","
     parts.append("]}")
@@ -155,7 +188,7 @@ def batch_overhead(edge_id: str, epoch: str, stream: str) -> int:
 
 def decode_batch(data: bytes) -> Batch:
     """A data message into a Batch; EnvelopeError names what is wrong."""
-    body = decode_json(data)
+    body, finite = _loads(unwrap(data))
     if not isinstance(body, dict):
         raise EnvelopeError("batch body must be a JSON object")
     for key in ("edge_id", "epoch", "stream"):
@@ -164,7 +197,7 @@ def decode_batch(data: bytes) -> Batch:
     records = body.get("records")
     if not isinstance(records, list):
         raise EnvelopeError("batch lacks a 'records' list")
-    return Batch(body["edge_id"], body["epoch"], body["stream"], records)
+    return Batch(body["edge_id"], body["epoch"], body["stream"], records, finite)
 
 
 def record_problem(rec: Any) -> str | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import logging
 import secrets
+import select
 import time
 from dataclasses import dataclass, field
 
@@ -151,8 +152,28 @@ class Collector:
         else:
             self.client.loop(timeout=self._wait())
         due = self._flush_at()
-        if due is not None and time.monotonic() >= due:
+        if due is not None and (time.monotonic() >= due or self._idle_commit()):
             self._flush()
+
+    def _idle_commit(self) -> bool:
+        """True when nothing more is waiting to be read: commit now.
+
+        Waiting for linger_ms only pays while messages keep arriving; once
+        the input has gone quiet, waiting adds latency and, since the edges
+        hold back what their window does not allow, takes throughput away.
+        Under load messages pile up in the socket during each commit, so
+        batches still grow by themselves (group commit).
+        """
+        if not self.cfg.datastore.commit_when_idle:
+            return False
+        sock = self.client.socket()
+        if sock is None or self.store_retry_at > time.monotonic():
+            return False
+        pending = getattr(sock, "pending", None)  # TLS holds decrypted bytes
+        if pending is not None and pending():
+            return False
+        readable, _, _ = select.select([sock], [], [], 0)
+        return not readable
 
     def _wait(self) -> float:
         """Seconds until something is due, at most LOOP_MAX_S."""

@@ -27,11 +27,13 @@ def default_client_id() -> str:
 @dataclass(frozen=True)
 class DatastoreConfig:
     url: str = "sqlite:////var/lib/spoolmq/core.db"
-    # A batch is committed when it holds this many messages or records, or
-    # when its first message has waited linger_ms.
+    # A batch is committed when it holds this many messages or records, when
+    # its first message has waited linger_ms, or (commit_when_idle) as soon
+    # as nothing more is waiting to be read.
     batch_messages: int = 200
     batch_records: int = 20000
     linger_ms: int = 50
+    commit_when_idle: bool = True
 
     def validate(self, path: str) -> None:
         where = f"{path}." if path else ""

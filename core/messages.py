@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
+
+import orjson
 
 from common.envelope import (
     Batch,
@@ -32,6 +35,8 @@ log = logging.getLogger("core.messages")
 # The largest seq a signed 64-bit column (SQLite INTEGER, PostgreSQL bigint)
 # holds; a larger one would fail the whole batch's insert.
 MAX_SEQ = 2**63 - 1
+
+_UTC_MILLIS = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
 
 Refusal = Callable[[Record], str | None]
 
@@ -126,7 +131,7 @@ def _batch_problem(batch: Batch, edge_id: str, stream: str) -> str | None:
 
 
 def _record_item(topic: str, batch: Batch, raw: Any, refusal: Refusal | None) -> Item:
-    problem = record_problem(raw) or _value_problem(raw)
+    problem = record_problem(raw) or _value_problem(raw, batch.finite)
     if problem:
         return _bad_record(topic, batch, raw, problem)
     try:
@@ -148,10 +153,10 @@ def _record_item(topic: str, batch: Batch, raw: Any, refusal: Refusal | None) ->
     return record
 
 
-def _value_problem(raw: dict) -> str | None:
+def _value_problem(raw: dict, finite: bool) -> str | None:
     if raw["seq"] > MAX_SEQ:
         return f"'seq' is larger than {MAX_SEQ}"
-    if not is_finite_json(raw["payload"]):
+    if not finite and not is_finite_json(raw["payload"]):
         return "'payload' holds a number too large for a double"
     return None
 
@@ -172,12 +177,19 @@ def _bad_record(topic: str, batch: Batch, raw: Any, reason: str) -> DeadLetter:
 
 def utc_text(text: str) -> str:
     """RFC 3339 text normalised to UTC with milliseconds, so text sorts as time."""
+    if _UTC_MILLIS.fullmatch(text):
+        datetime.fromisoformat(text)  # a real date and time of day
+        return text  # the form edges send, already normal
     value = parse_time(text).astimezone(UTC)
     return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def payload_text(value: Any) -> str:
     """A payload as compact JSON text, non-ASCII kept as it is."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        pass  # an integer past 64 bits, or a lone surrogate
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     try:
         text.encode("utf-8")

@@ -59,7 +59,7 @@ class SpoolConfig:
 @dataclass(frozen=True)
 class PublishConfig:
     # W: records published and not yet confirmed by a receipt, at most.
-    window: int = 5000
+    window: int = 20000
     batch_records: int = 500
     batch_bytes: int = 262144
     linger_ms: int = 50

@@ -241,7 +241,12 @@ def test_a_collector_killed_before_its_commit_stores_everything_once_on_restart(
     tmp_path, broker, protocol
 ):
     collector = CollectorProcess(tmp_path, broker, protocol)
-    collector.configure(linger_ms=600000, batch_messages=1000, batch_records=100000)
+    collector.configure(
+        linger_ms=600000,
+        batch_messages=1000,
+        batch_records=100000,
+        commit_when_idle=False,
+    )
     collector.start()
     edge = Edge(broker.port)
     try:
@@ -264,8 +269,20 @@ def test_a_collector_killed_before_its_commit_stores_everything_once_on_restart(
         collector.close()
 
 
-def test_sigterm_commits_and_acks_what_is_pending_then_exits_0(collector, edge):
+def test_a_batch_is_committed_once_nothing_more_waits_not_after_its_linger(
+    collector, edge
+):
     collector.configure(linger_ms=600000, batch_messages=1000)
+    collector.start()
+    began = time.monotonic()
+    edge.publish([1, 2])
+    edge.wait_confirmed(ids("ep1", [1, 2]))
+    assert time.monotonic() - began < 5  # the linger is ten minutes
+    assert collector.stored() == [("ep1", 1), ("ep1", 2)]
+
+
+def test_sigterm_commits_and_acks_what_is_pending_then_exits_0(collector, edge):
+    collector.configure(linger_ms=600000, batch_messages=1000, commit_when_idle=False)
     collector.start()
     edge.publish([1, 2])
     collector.wait_for_log("received mid")

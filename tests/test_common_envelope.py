@@ -292,3 +292,43 @@ def test_a_compressed_body_that_expands_past_the_cap_is_refused():
     assert len(bomb) < 1024 * 1024
     with pytest.raises(EnvelopeError, match="expands past"):
         unwrap(bomb)
+
+
+# --- the fast JSON path agrees with the standard library ---------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'{"a":1,"b":[1.5,-0.0,1e-7,null,true],"c":"caf\xc3\xa9 \\u0000"}',
+        b'{"a":1,"a":2}',
+        b"[12345678901234567890123, -9223372036854775809, 18446744073709551615]",
+        b"[0.1234567890123456789]",
+        b'"\\ud800"',
+        b"[1e999]",
+        b"[1e-999]",
+        '["\u2028"]'.encode(),
+    ],
+)
+def test_strict_loads_reads_every_value_as_the_standard_library_does(text):
+    value = loads_strict(text)
+    expected = json.loads(text)
+    assert value == expected
+    assert json.dumps(value) == json.dumps(expected)  # int stays int, -0.0 stays
+
+
+@pytest.mark.parametrize(
+    "text", [b"[NaN]", b"[Infinity]", b"[1] x", b"[1,]", b"['a']", b"[1"]
+)
+def test_strict_loads_refuses_what_is_not_json_on_either_path(text):
+    with pytest.raises(EnvelopeError):
+        loads_strict(text)
+
+
+def test_a_batch_with_a_number_past_a_double_is_not_marked_finite(records):
+    fine = decode_batch(encode_batch("pi-017", "ep", "s", records))
+    assert fine.finite
+    huge = WireRecord(9, 1767225600.0, False, "[1e999]")
+    batch = decode_batch(encode_batch("pi-017", "ep", "s", [*records, huge]))
+    assert not batch.finite
+    assert not is_finite_json(batch.records[-1]["payload"])

@@ -77,6 +77,7 @@ def store(tmp_path):
 
 
 def make_collector(store, **datastore) -> Collector:
+    datastore.setdefault("commit_when_idle", False)  # it has no socket
     cfg = CoreConfig(
         broker=BrokerConfig(port=1),
         datastore=DatastoreConfig(url="sqlite:///unused.db", **datastore),

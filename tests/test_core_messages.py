@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from common.envelope import WireRecord, encode_batch, encode_skipped, wrap
 from common.topics import Topics
 from core.datastore import DeadLetter, EdgeStatus, Record, Skipped
-from core.messages import decode_message
+from core.messages import decode_message, payload_text, utc_text
 
 TOPICS = Topics("spoolmq")
 TOPIC = "spoolmq/e1/data/s"
@@ -161,3 +163,33 @@ def test_a_refusal_by_the_backend_dead_letters_the_record():
 
     assert [type(i) for i in items] == [Record, DeadLetter]
     assert items[1].seq == 2
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        ({"t": 21.5, "n": None, "s": "café"}, '{"t":21.5,"n":null,"s":"café"}'),
+        ([12345678901234567890123], "[12345678901234567890123]"),
+        ("\ud800", '"\\ud800"'),
+    ],
+)
+def test_payload_text_is_compact_and_exact(value, text):
+    assert payload_text(value) == text
+    assert json.loads(payload_text(value)) == value
+
+
+@pytest.mark.parametrize(
+    ("given", "normal"),
+    [
+        ("2026-12-04T07:09:23.741Z", "2026-12-04T07:09:23.741Z"),
+        ("2026-12-04T08:09:23.741+01:00", "2026-12-04T07:09:23.741Z"),
+        ("2026-12-04T07:09:23Z", "2026-12-04T07:09:23.000Z"),
+    ],
+)
+def test_created_at_is_normalised_to_utc_milliseconds(given, normal):
+    assert utc_text(given) == normal
+
+
+def test_a_created_at_in_the_normal_form_that_is_no_date_is_refused():
+    with pytest.raises(ValueError):
+        utc_text("2026-02-30T07:09:23.741Z")

@@ -82,7 +82,7 @@ def test_a_minimal_config_gets_every_default(good_config, tmp_path):
     assert [(s.stream, s.max_file_bytes) for s in cfg.spool] == [
         ("readings", 16 * 1024 * 1024)
     ]
-    assert cfg.publish.window == 5000
+    assert cfg.publish.window == 20000
     assert cfg.intake.batch_files == 1000
 
 
@@ -229,7 +229,7 @@ def test_check_prints_the_effective_config_and_exits_0(good_config, tmp_path):
     assert effective["edge_id"] == "pi-017"
     assert effective["outbox"]["path"] == f"{tmp_path}/outbox.db"
     assert effective["spool"][0]["stream"] == "readings"
-    assert effective["publish"]["window"] == 5000
+    assert effective["publish"]["window"] == 20000
     assert effective["broker"]["keepalive"] == 30
     assert result.stderr == ""
 

@@ -131,6 +131,31 @@ def test_the_outbox_connection_uses_wal_and_synchronous_full(outbox):
     assert outbox.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
+def written_bytes() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("write_bytes:"):
+            return int(line.split(":", 1)[1])
+    raise AssertionError("no write_bytes in /proc/self/io")
+
+
+def test_deleting_delivered_segments_does_not_write_their_bytes_again(outbox):
+    # An SQLite built with secure_delete on (Debian's) zeroes every freed
+    # page: deleting 2 MB of segments would write 2 MB more.
+    payload = '{"v":"' + "x" * 1000 + '"}'
+    for start in range(0, 2000, 100):
+        outbox.accept([Record("readings", payload, 1767225600.0)] * 100)
+    body_bytes = outbox.conn.execute(
+        "SELECT sum(length(body)) FROM segments"
+    ).fetchone()[0]
+    assert body_bytes > 2_000_000
+    outbox.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    before = written_bytes()
+    delete_everything(outbox)
+    outbox.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert written_bytes() - before < body_bytes / 10
+    assert outbox.conn.execute("PRAGMA secure_delete").fetchone()[0] == 2  # FAST
+
+
 def test_the_outbox_creates_its_parent_directory(outbox_path):
     assert not outbox_path.parent.exists()
 

@@ -52,7 +52,13 @@ def test_a_collector_killed_mid_batch_twice_leaves_its_uncommitted_messages_to_t
     broker = broker_factory(**VERBOSE_BROKER)
     # A long linger keeps a received, uncommitted batch in the collector
     # most of the time, so a kill lands mid-batch.
-    pipe = Pipeline(tmp_path, broker, daemons, protocol, datastore={"linger_ms": 400})
+    pipe = Pipeline(
+        tmp_path,
+        broker,
+        daemons,
+        protocol,
+        datastore={"linger_ms": 400, "commit_when_idle": False},
+    )
     edge = pipe.add_edge("e1", **NO_RESENDS)
     rng = random.Random(20261204)
     try:
