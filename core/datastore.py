@@ -34,7 +34,7 @@ Confirmed = dict[str, dict[str, list[int]]]
 SCHEMES = ("sqlite", "postgresql")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs 2x per record
 class Record:
     """One record ready to store; `created_at` is RFC 3339 UTC text."""
 

@@ -30,7 +30,18 @@ def merged(ranges: Iterable[Range]) -> list[Range]:
 
 def as_ranges(seqs: Iterable[int]) -> list[Range]:
     """Seqs (in any order, repeats allowed) as merged ranges."""
-    return merged((seq, seq) for seq in seqs)
+    ordered = sorted(set(seqs))
+    if not ordered:
+        return []
+    out: list[Range] = []
+    first = last = ordered[0]
+    for seq in ordered[1:]:
+        if seq != last + 1:
+            out.append((first, last))
+            first = seq
+        last = seq
+    out.append((first, last))
+    return out
 
 
 def subtract(ranges: Iterable[Range], covered: Iterable[Range]) -> list[Range]:

@@ -12,7 +12,7 @@ import json
 import logging
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any
 
 import orjson
@@ -135,7 +135,7 @@ def _record_item(topic: str, batch: Batch, raw: Any, refusal: Refusal | None) ->
     if problem:
         return _bad_record(topic, batch, raw, problem)
     try:
-        created_at = utc_text(raw["created_at"])
+        created_at = _normal_utc(raw["created_at"])  # record_problem parsed it
     except (ValueError, OverflowError) as exc:
         return _bad_record(topic, batch, raw, f"'created_at' is unusable: {exc}")
     record = Record(
@@ -177,8 +177,13 @@ def _bad_record(topic: str, batch: Batch, raw: Any, reason: str) -> DeadLetter:
 
 def utc_text(text: str) -> str:
     """RFC 3339 text normalised to UTC with milliseconds, so text sorts as time."""
+    parse_time(text)  # a real date and time of day, with a zone
+    return _normal_utc(text)
+
+
+def _normal_utc(text: str) -> str:
+    """utc_text of text already known to parse."""
     if _UTC_MILLIS.fullmatch(text):
-        datetime.fromisoformat(text)  # a real date and time of day
         return text  # the form edges send, already normal
     value = parse_time(text).astimezone(UTC)
     return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -56,6 +56,8 @@ from edge.window import Chunk, Window
 log = logging.getLogger("edge.spooler")
 
 STATE_EVERY_S = 2.0
+BUSY_POLL_S = 0.05  # longest wait for the broker while records are moving
+IDLE_POLL_S = 0.25  # ... and while none are
 SWEEP_EVERY_S = 30.0  # how often expired records are looked for
 UPTIME_SAVE_S = 30.0  # how often the outbox clock is saved while records wait
 INTAKE_RETRY_S = 2.0
@@ -314,7 +316,7 @@ class Spooler:
         now = time.monotonic()
         if not self.connected and now >= self.next_connect:
             self._connect()
-        self._network(0.05)
+        self._network(self._pace(now))
         if now >= self.next_scan:
             self._scan(now)
         if self.connected:
@@ -325,6 +327,18 @@ class Spooler:
         self._keep_time(now)
         self._forget_confirmed()
         self._write_state()
+
+    def _pace(self, now: float) -> float:
+        """How long the network loop may wait for the broker this step.
+
+        Idle, it waits longer: a record a producer commits is then seen up
+        to IDLE_POLL_S later, and an idle edge costs a fraction of a percent
+        of a core. Receipts and other messages wake it at once either way.
+        """
+        busy = self.window.segments or self.unacked or self._maybe_more
+        if busy:
+            return BUSY_POLL_S
+        return max(0.0, min(IDLE_POLL_S, self.next_scan - now))
 
     def _keep_time(self, now: float) -> None:
         """Save the outbox clock now and then; drop expired records."""

@@ -20,7 +20,7 @@ BENCH = REPO_ROOT / "scripts" / "lib" / "bench.py"
 TIMEOUT_S = 120
 STOP_TIMEOUT_S = 90
 SCENARIOS = ("steady", "backlog", "netem steady", "netem backlog")
-SYSTEMS = ("ceiling", "bridge default", "bridge tuned", "spoolmq")
+SYSTEMS = ("ceiling", "bridge default", "bridge tuned", "spoolmq", "spoolmq zlib")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ On this machine and with the same seeded 200-byte JSON records, it measures
                   mosquitto_sub, max_inflight_messages 20 (Mosquitto's default)
   bridge tuned    the same with max_inflight_messages 0 (unlimited) on both
   spoolmq         Producer.send_many -> edge-spooler run -> Mosquitto ->
-                  core-collector run -> SQLite, receipts on
+                  core-collector run -> SQLite, receipts on, shipped defaults
+  spoolmq zlib    the same with publish.codec json+zlib
 
 in a steady state (producer and path running together), draining a backlog
 accepted while the path was down, and both again over an emulated link of
@@ -61,7 +62,8 @@ from bench_procs import (
 
 from common.exits import Exit
 
-SYSTEMS = ("ceiling", "bridge default", "bridge tuned", "spoolmq")
+SYSTEMS = ("ceiling", "bridge default", "bridge tuned", "spoolmq", "spoolmq zlib")
+CODECS = {"spoolmq": "json", "spoolmq zlib": "json+zlib"}
 SCENARIOS = ("steady", "backlog", "netem steady", "netem backlog")
 SKIPPABLE = ("ceiling", "bridge", "spoolmq", "steady", "backlog", "netem", "idle")
 QUICK = {
@@ -370,7 +372,7 @@ def run_one(scenario, system, workdir, records, count, link) -> Result:
             workdir, records, count, window=system.split()[1], backlog=backlog, **sites
         )
     run = bench_spoolmq.backlog if backlog else bench_spoolmq.steady
-    return run(workdir, records, count, **sites)
+    return run(workdir, records, count, codec=CODECS[system], **sites)
 
 
 def measure_idle(args, scratch: Path) -> dict[str, Usage | str]:
@@ -436,7 +438,8 @@ def print_table(args, cells: dict, notes: dict) -> None:
     for scenario in SCENARIOS:
         for system in SYSTEMS:
             print(_cell_row(scenario, system, cells[scenario, system]))
-        print(_ratio_row(scenario, cells))
+        for system in CODECS:
+            print(_ratio_row(scenario, cells, system))
     print()
     print(
         "records/s: steady from the first record published (Mosquitto) or "
@@ -469,6 +472,10 @@ def print_table(args, cells: dict, notes: dict) -> None:
     print(
         "ceiling: one Mosquitto with mosquitto/mosquitto.conf "
         "(max_inflight_messages 200); spoolmq runs on the same."
+    )
+    print(
+        "spoolmq: the shipped defaults (publish.codec json); spoolmq zlib: the "
+        "same with publish.codec json+zlib."
     )
     print(
         f"netem: {bench_netem.describe()}; {args.netem_records} records per run."
@@ -510,8 +517,8 @@ def _cell_row(scenario: str, system: str, cell: Cell) -> str:
     return _row([scenario, system, f"{count:,}", f"{rate:,.0f}", *extra])
 
 
-def _ratio_row(scenario: str, cells: dict) -> str:
-    ours = cells[scenario, "spoolmq"].median(lambda r: r.rate)
+def _ratio_row(scenario: str, cells: dict, system: str = "spoolmq") -> str:
+    ours = cells[scenario, system].median(lambda r: r.rate)
     parts = []
     for system, label in (
         ("bridge tuned", "bridge tuned"),
@@ -520,7 +527,7 @@ def _ratio_row(scenario: str, cells: dict) -> str:
     ):
         theirs = cells[scenario, system].median(lambda r: r.rate)
         value = f"{ours / theirs:.2f}" if ours and theirs else "n/a"
-        parts.append(f"spoolmq/{label} {value}")
+        parts.append(f"{system}/{label} {value}")
     return f"{scenario:<14}  ratios: " + " · ".join(parts)
 
 

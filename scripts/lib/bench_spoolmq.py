@@ -51,7 +51,9 @@ class Pipeline:
         *,
         edge_site: Site = LOOPBACK,
         core_site: Site = LOOPBACK,
+        codec: str = "json",
     ) -> None:
+        self.codec = codec
         self.workdir = workdir
         self.procs = procs
         self.edge_site = edge_site
@@ -96,6 +98,7 @@ class Pipeline:
                         "protocol": 5,
                     },
                     "outbox": {"path": str(self.workdir / "outbox.db")},
+                    "publish": {"codec": self.codec},
                     "spool": [{"dir": str(spool), "stream": "spooled"}],
                 }
             )
@@ -218,11 +221,14 @@ def steady(
     *,
     edge_site: Site = LOOPBACK,
     core_site: Site = LOOPBACK,
+    codec: str = "json",
 ) -> Result:
     """Producer and the whole pipeline running together."""
     procs = Procs()
     try:
-        pipe = Pipeline(workdir, procs, edge_site=edge_site, core_site=core_site)
+        pipe = Pipeline(
+            workdir, procs, edge_site=edge_site, core_site=core_site, codec=codec
+        )
         pipe.start_core()
         spooler = pipe.start_spooler()
         before = usage(spooler.pid)
@@ -243,6 +249,7 @@ def backlog(
     *,
     edge_site: Site = LOOPBACK,
     core_site: Site = LOOPBACK,
+    codec: str = "json",
 ) -> Result:
     """Records accepted into the outbox with the spooler stopped, then drained.
 
@@ -251,7 +258,9 @@ def backlog(
     """
     procs = Procs()
     try:
-        pipe = Pipeline(workdir, procs, edge_site=edge_site, core_site=core_site)
+        pipe = Pipeline(
+            workdir, procs, edge_site=edge_site, core_site=core_site, codec=codec
+        )
         pipe.start_core()
         report = pipe.producer_report(pipe.produce(records, count), count)
         began = time.time()
