@@ -517,17 +517,13 @@ def _cell_row(scenario: str, system: str, cell: Cell) -> str:
     return _row([scenario, system, f"{count:,}", f"{rate:,.0f}", *extra])
 
 
-def _ratio_row(scenario: str, cells: dict, system: str = "spoolmq") -> str:
-    ours = cells[scenario, system].median(lambda r: r.rate)
+def _ratio_row(scenario: str, cells: dict, ours: str = "spoolmq") -> str:
+    rate = cells[scenario, ours].median(lambda r: r.rate)
     parts = []
-    for system, label in (
-        ("bridge tuned", "bridge tuned"),
-        ("bridge default", "bridge default"),
-        ("ceiling", "ceiling"),
-    ):
-        theirs = cells[scenario, system].median(lambda r: r.rate)
-        value = f"{ours / theirs:.2f}" if ours and theirs else "n/a"
-        parts.append(f"{system}/{label} {value}")
+    for baseline in ("bridge tuned", "bridge default", "ceiling"):
+        theirs = cells[scenario, baseline].median(lambda r: r.rate)
+        value = f"{rate / theirs:.2f}" if rate and theirs else "n/a"
+        parts.append(f"{ours}/{baseline} {value}")
     return f"{scenario:<14}  ratios: " + " · ".join(parts)
 
 
