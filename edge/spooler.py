@@ -335,6 +335,9 @@ class Spooler:
         to IDLE_POLL_S later, and an idle edge costs a fraction of a percent
         of a core. Receipts and other messages wake it at once either way.
         """
+        # TODO: an idle edge sees a record a producer committed up to
+        # IDLE_POLL_S late. Ends when producers wake the daemon themselves
+        # (a datagram or a watch on the outbox) instead of being polled for.
         busy = self.window.segments or self.unacked or self._maybe_more
         if busy:
             return BUSY_POLL_S
