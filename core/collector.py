@@ -157,8 +157,9 @@ class Collector:
 
     # TODO: one thread decodes, inserts and commits, so a backlog drain is
     # bound by this process's CPU (0.67 s per 100,000 records: 1.86x a tuned
-    # Mosquitto bridge on 2 cores, against a 2x target). Ends when the commit
-    # runs in a second thread while the next batch is decoded.
+    # Mosquitto bridge on 2 cores, against a 2x target; a commit thread lost
+    # to the interpreter lock). Ends when decoding and committing run in
+    # separate processes.
     def _idle_commit(self) -> bool:
         """True when nothing more is waiting to be read: commit now.
 
