@@ -31,6 +31,9 @@ log = logging.getLogger("common.link")
 AUTH_REFUSED = {4, 5, 134, 135}
 
 
+MIN_MESSAGE_BYTES = 4096
+
+
 @dataclass(frozen=True)
 class TLSConfig:
     ca: str | None = None
@@ -66,12 +69,21 @@ class BrokerConfig:
 
     def validate(self, path: str) -> None:
         where = f"{path}." if path else ""
+        if not self.host or self.host != self.host.strip():
+            raise ConfigError(
+                f"{where}host", f"must be a host name or address, not {self.host!r}"
+            )
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"{where}port", f"must be 1-65535, not {self.port}")
         if not 5 <= self.keepalive <= 65535:
             raise ConfigError(f"{where}keepalive", "must be 5-65535 seconds")
         for name in ("session_expiry", "max_message_bytes", "connect_timeout"):
             check_positive(path, name, getattr(self, name))
+        if self.max_message_bytes < MIN_MESSAGE_BYTES:
+            # Below this not even a batch's own fields and one record fit.
+            raise ConfigError(
+                f"{where}max_message_bytes", f"must be at least {MIN_MESSAGE_BYTES}"
+            )
         check_positive(path, "reconnect_min", self.reconnect_min)
         if self.reconnect_max < self.reconnect_min:
             raise ConfigError(f"{where}reconnect_max", "must be >= reconnect_min")
@@ -90,7 +102,10 @@ class BrokerConfig:
 
 
 def make_client(
-    cfg: BrokerConfig, client_id: str, *, manual_ack: bool = False,
+    cfg: BrokerConfig,
+    client_id: str,
+    *,
+    manual_ack: bool = False,
     clean: bool = False,
 ) -> mqtt.Client:
     """A paho client with a persistent session (unless `clean`), credentials
@@ -149,8 +164,10 @@ def prepare_connect(
     """Store the connect parameters; `reconnect()` then uses them each time."""
     kwargs = {}
     if cfg.v5:
-        kwargs = {"clean_start": False, "properties": connect_properties(
-            cfg, receive_maximum)}
+        kwargs = {
+            "clean_start": False,
+            "properties": connect_properties(cfg, receive_maximum),
+        }
     client.connect_async(cfg.host, cfg.port, cfg.keepalive, **kwargs)
 
 
@@ -207,8 +224,10 @@ def probe(cfg: BrokerConfig, client_id: str, timeout: float = 10.0) -> str:
     try:
         client.connect(cfg.host, cfg.port, cfg.keepalive)
     except (OSError, ValueError) as exc:
-        raise LinkError(f"broker {cfg.address} unreachable: {exc}; check "
-                        "broker.host, broker.port and the network") from None
+        raise LinkError(
+            f"broker {cfg.address} unreachable: {exc}; check "
+            "broker.host, broker.port and the network"
+        ) from None
     deadline = time.monotonic() + timeout
     while "reason" not in outcome and time.monotonic() < deadline:
         if client.loop(timeout=0.1) != mqtt.MQTT_ERR_SUCCESS:
@@ -216,8 +235,10 @@ def probe(cfg: BrokerConfig, client_id: str, timeout: float = 10.0) -> str:
     reason = outcome.get("reason")
     if reason is None:
         client.disconnect()
-        raise LinkError(f"broker {cfg.address} accepted TCP but sent no CONNACK "
-                        f"within {timeout:.0f} s; check TLS and the port")
+        raise LinkError(
+            f"broker {cfg.address} accepted TCP but sent no CONNACK "
+            f"within {timeout:.0f} s; check TLS and the port"
+        )
     if reason.is_failure:
         raise connack_refused(reason)
     client.disconnect()

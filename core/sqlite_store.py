@@ -500,6 +500,17 @@ def _schema_version(db: Database) -> int:
 
 
 def _migrate(db: Database, url: str) -> None:
+    if not db["schema_migrations"].exists():
+        # A file of another program (an edge outbox, say) is not taken over.
+        others = db.table_names()
+        if others:
+            raise DatastoreError(
+                url,
+                f"{db.conn.execute('PRAGMA database_list').fetchone()[2]} holds "
+                f"tables of another program ({', '.join(sorted(others)[:5])}); "
+                "point datastore.url at a new file",
+                exit_code=Exit.CONFIG,
+            )
     db.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations "
         "(version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"

@@ -85,7 +85,8 @@ def format_text(report: dict) -> str:
     """The report as a short summary line and an aligned table."""
     totals = report["totals"]
     summary = (
-        f"datastore {report['datastore']}: {totals['edges']} edges, "
+        # Every edge in the table: also those heard from that sent no record.
+        f"datastore {report['datastore']}: {len(report['edges'])} edges, "
         f"{totals['records']} records, {totals['dead_letters']} dead letters"
     )
     lines = [summary]

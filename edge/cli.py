@@ -17,7 +17,7 @@ from edge.config import EdgeConfig, load_edge_config
 from edge.errors import RecordError, SpoolError
 from edge.outbox import Outbox
 from edge.records import parse_lines, parse_value
-from edge.state import pid_alive, read_state
+from edge.state import daemon_holding, pid_alive, read_state
 
 PROG = "edge-spooler"
 ENV = "SPOOLMQ_EDGE_CONFIG"
@@ -74,7 +74,8 @@ def cmd_status(args) -> int:
     finally:
         outbox.close()
     state = read_state(cfg.outbox.status_path) or {}
-    report = _status_report(cfg, summary, state)
+    holder = daemon_holding(cfg.outbox.path + ".lock")
+    report = _status_report(cfg, summary, state, holder)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -82,14 +83,22 @@ def cmd_status(args) -> int:
     return Exit.OK if report["healthy"] else Exit.TEMPFAIL
 
 
-def _status_report(cfg: EdgeConfig, summary: dict, state: dict) -> dict:
-    running = pid_alive(state.get("pid"))
-    connected = running and bool(state.get("connected"))
+def _status_report(
+    cfg: EdgeConfig, summary: dict, state: dict, holder: int | None = None
+) -> dict:
+    current = pid_alive(state.get("pid"))  # the state file is the daemon's own
+    running = current or holder is not None
+    connected = current and bool(state.get("connected"))
     oldest = summary["oldest_accepted_at"]
-    age = state.get("oldest_unconfirmed_age_s") if running else None
+    age = state.get("oldest_unconfirmed_age_s") if current else None
     problems = []
     if not running:
         problems.append("daemon not running")
+    elif not current:
+        problems.append(
+            f"the daemon (pid {holder or '?'}) cannot write its state file; "
+            "is the disk full?"
+        )
     elif not connected:
         problems.append("not connected to the broker")
     if age is not None and age > cfg.publish.degraded_after:

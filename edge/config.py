@@ -20,6 +20,8 @@ FACTORY_HOSTNAMES = {"raspberrypi", "localhost", "debian", "ubuntu", "dietpi", "
 WHEN_FULL = ("reject", "drop_oldest")
 
 
+MIN_BATCH_BYTES = 1024  # a batch smaller than this carries little but overhead
+
 @dataclass(frozen=True)
 class OutboxConfig:
     path: str = "/var/lib/spoolmq/outbox.db"
@@ -82,6 +84,10 @@ class PublishConfig:
         check_positive(path, "max_records_per_s", self.max_records_per_s,
                        zero_ok=True)
         check_positive(path, "max_bytes_per_s", self.max_bytes_per_s, zero_ok=True)
+        if self.batch_bytes < MIN_BATCH_BYTES:
+            raise ConfigError(
+                f"{path}.batch_bytes", f"must be at least {MIN_BATCH_BYTES}"
+            )
         if self.batch_records > self.window:
             raise ConfigError(f"{path}.batch_records", "must not exceed window")
         if self.resend_max < self.resend_initial:

@@ -559,7 +559,7 @@ class Spooler:
             self.outbox.save_uptime()
         except SpoolError as exc:
             log.warning("outbox clock not saved: %s", exc)
-        self.outbox.delete_segments(self.window.take_done())
+        self._forget_confirmed()
         if self.connected:
             self.client.publish(self.topics.status(self.cfg.edge_id),
                                 self._status_body(False), qos=1, retain=True)
@@ -568,7 +568,10 @@ class Spooler:
             self.client.disconnect()
         state = self.state()
         state.update(connected=False, pid=None, stopped_at=time.time())
-        write_state(self.cfg.outbox.status_path, state)
+        try:
+            write_state(self.cfg.outbox.status_path, state)
+        except OSError as exc:
+            log.warning("state file not written: %s", exc)
         self.outbox.close()
 
 
@@ -637,10 +640,12 @@ def take_daemon_lock(path: str):
         handle.close()
         raise OutboxBusy(f"another edge-spooler (pid {other}) runs on this outbox; "
                          "stop it first") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
+    try:
+        # Unbuffered, so a full disk fails here once, not again at exit.
+        os.ftruncate(handle.fileno(), 0)
+        os.pwrite(handle.fileno(), f"{os.getpid()}\n".encode(), 0)
+    except OSError as exc:
+        log.warning("lock file %s holds no pid (%s); the lock holds", path, exc)
     return handle
 
 

@@ -7,6 +7,7 @@ seconds, so an idle edge writes nothing.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -15,7 +16,11 @@ from pathlib import Path
 def write_state(path: Path, state: dict) -> None:
     """Replace the state file atomically (write, rename)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1, sort_keys=True), encoding="utf-8")
+    try:
+        tmp.write_text(json.dumps(state, indent=1, sort_keys=True), encoding="utf-8")
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk leaves an empty one
+        raise
     os.replace(tmp, path)
 
 
@@ -37,3 +42,19 @@ def pid_alive(pid: int | None) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def daemon_holding(path: str) -> int | None:
+    """The pid of the daemon holding the outbox lock (0: unknown), or None."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = handle.read().strip()
+                return int(text) if text.isdigit() else 0
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    except OSError:
+        pass
+    return None
+

@@ -6,6 +6,8 @@ checks the tables through a probe that reads both the same way.
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 
 from common.exits import Exit
@@ -174,6 +176,24 @@ def test_a_file_that_is_not_sqlite_exits_73(tmp_path):
         open_datastore(f"sqlite:///{tmp_path}/core.db")
 
     assert caught.value.exit_code == Exit.CANTCREAT
+
+
+def test_another_programs_sqlite_file_is_refused_with_78_and_left_as_it_was(tmp_path):
+    path = tmp_path / "outbox.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE segments (id INTEGER PRIMARY KEY, body TEXT)")
+        conn.execute("INSERT INTO segments (body) VALUES ('x')")
+    conn.close()
+
+    with pytest.raises(DatastoreError) as caught:
+        open_datastore(f"sqlite:///{path}")
+
+    assert caught.value.exit_code == Exit.CONFIG == 78
+    assert "segments" in str(caught.value)
+    with sqlite3.connect(path) as conn:
+        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
+    conn.close()
+    assert names == ["segments"]
 
 
 def test_a_store_never_created_and_opened_read_only_exits_69(url, tmp_path, tables):

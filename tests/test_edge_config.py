@@ -206,6 +206,7 @@ def test_a_spool_dir_listed_twice_is_refused(write_config):
         ("spool:\n  - {stream: s}\n", "spool[0].dir"),
         ("publish: {window: 0}\n", "publish.window"),
         ("publish: {window: 10, batch_records: 11}\n", "publish.batch_records"),
+        ("publish: {batch_bytes: 10}\n", "publish.batch_bytes"),
         ("publish: {codec: gzip}\n", "publish.codec"),
         ("publish: {resend_initial: 10, resend_max: 5}\n", "publish.resend_max"),
         ("publish: {linger_ms: -1}\n", "publish.linger_ms"),
