@@ -54,6 +54,10 @@ def test_a_receipt_lost_with_the_edges_session_is_made_good_by_a_resend(
         with DataProbe(broker.port) as probe:
             ids = edge.send_count(150)
             wait_for(lambda: probe.summary()["records"] >= 150, 20, probe.summary)
+        # The broker's PUBACKs reach the edge: a cut that took one would make
+        # paho replay that message on reconnect, outside the resend counted.
+        wait_for(lambda: edge.state().get("published_total", 0) >= 150, 5, edge.state)
+        time.sleep(0.5)
 
         # The edge's link goes down, and its session with the broker is
         # taken over by a clean one under its client id: the subscription
