@@ -60,11 +60,12 @@ def test_every_system_has_a_row_in_every_scenario(quick_run, scenario, system):
         assert not found.group(1).startswith(("skipped", "failed")), found.group(0)
 
 
+@pytest.mark.parametrize("ours", ["spoolmq", "spoolmq zlib"])
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_every_scenario_prints_the_ratios(quick_run, scenario):
+def test_every_scenario_prints_the_ratios(quick_run, scenario, ours):
     assert re.search(
-        rf"^{re.escape(scenario)}\s+ratios: spoolmq/bridge tuned \S+ · "
-        r"spoolmq/bridge default \S+ · spoolmq/ceiling \S+$",
+        rf"^{re.escape(scenario)}\s+ratios: {ours}/bridge tuned \S+ · "
+        rf"{ours}/bridge default \S+ · {ours}/ceiling \S+$",
         quick_run.stdout,
         re.MULTILINE,
     ), quick_run.stdout
