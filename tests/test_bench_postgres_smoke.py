@@ -8,39 +8,20 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 
 import pytest
 
-from tests.harness import REPO_ROOT
+from tests.harness.bench import run_bench
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-BENCH = REPO_ROOT / "scripts" / "lib" / "bench.py"
 TIMEOUT_S = 120
-STOP_TIMEOUT_S = 90
 TINY = ["--only", "pg", "--pg-edges", "2", "--pg-records", "1000", "--runs", "1"]
 
 
 @pytest.fixture(scope="module")
 def tiny_run(postgres_server) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(
-        [sys.executable, str(BENCH), *TINY],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO_ROOT,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        # SIGTERM, so the bench stops its daemons and drops its databases.
-        proc.terminate()
-        stdout, stderr = proc.communicate(timeout=STOP_TIMEOUT_S)
-        pytest.fail(f"bench --only pg ran over {TIMEOUT_S} s:\n{stdout}{stderr}")
-    result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-    print(result.stdout, result.stderr, sep="\n")
-    return result
+    return run_bench(TINY, TIMEOUT_S)
 
 
 def test_a_tiny_postgres_bench_exits_zero(tiny_run):

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 
 import pytest
 
-from tests.harness import REPO_ROOT
+from tests.harness.bench import run_bench
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-BENCH = REPO_ROOT / "scripts" / "lib" / "bench.py"
 TIMEOUT_S = 120
-STOP_TIMEOUT_S = 90
 SCENARIOS = ("steady", "backlog", "netem steady", "netem backlog")
 SYSTEMS = ("ceiling", "bridge default", "bridge tuned", "spoolmq", "spoolmq zlib")
 
@@ -27,23 +24,7 @@ SYSTEMS = ("ceiling", "bridge default", "bridge tuned", "spoolmq", "spoolmq zlib
 def quick_run() -> subprocess.CompletedProcess:
     # Its own scratch folder under /tmp: pytest's is private to root, and
     # Mosquitto started as root drops to a user that could not enter it.
-    proc = subprocess.Popen(
-        [sys.executable, str(BENCH), "--quick"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO_ROOT,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        # SIGTERM, so the bench stops the brokers and daemons it started.
-        proc.terminate()
-        stdout, stderr = proc.communicate(timeout=STOP_TIMEOUT_S)
-        pytest.fail(f"bench --quick ran over {TIMEOUT_S} s:\n{stdout}{stderr}")
-    result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-    print(result.stdout, result.stderr, sep="\n")
-    return result
+    return run_bench(["--quick"], TIMEOUT_S)
 
 
 def test_a_quick_bench_exits_zero(quick_run):
@@ -79,13 +60,6 @@ def test_the_idle_edges_are_measured(quick_run):
 
 
 def test_bad_options_exit_64():
-    result = subprocess.run(
-        [sys.executable, str(BENCH), "--skip", "nonsense"],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=REPO_ROOT,
-    )
+    result = run_bench(["--skip", "nonsense"], 30)
     assert result.returncode == 64, result.stderr
     assert "allowed:" in result.stderr

@@ -34,7 +34,6 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -56,6 +55,7 @@ from bench_procs import (
     Usage,
     broker_cannot_reach,
     make_records,
+    measure_into,
     usage,
     write_lines,
 )
@@ -345,20 +345,10 @@ def run_scenario(args, scratch, cells, scenario, records, count, link) -> None:
                 end="",
                 flush=True,
             )
-            try:
-                result = run_one(scenario, system, workdir, records, count, link)
-            except BenchError as exc:
-                cell.error = str(exc)
-                print(f" failed: {exc}", flush=True)
-                continue
-            except Exception as exc:  # noqa: BLE001 - reported, then the next one
-                cell.error = f"{type(exc).__name__}: {exc}"
-                print(" failed:", flush=True)
-                traceback.print_exc()
-                continue
-            cell.results.append(result)
-            print(f" {result.rate:,.0f} records/s", flush=True)
-            if not args.scratch:
+            measured = measure_into(
+                cell, run_one, scenario, system, workdir, records, count, link
+            )
+            if measured and not args.scratch:
                 shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from bench_procs import (
     Proc,
     Procs,
     make_records,
+    measure_into,
     usage,
     wait_bounded,
     write_lines,
@@ -94,19 +94,16 @@ def measure(args, scratch: Path) -> dict[str, PgCell]:
                 flush=True,
             )
             workdir = scratch / f"pg-{system.replace(' ', '-')}-{run}"
-            try:
-                result = drain(workdir, records, args.pg_edges, total, client_ids)
-            except (BenchError, psycopg.Error) as exc:
-                cell.error = " ".join(str(exc).split())
-                print(f" failed: {cell.error}", flush=True)
-                continue
-            except Exception as exc:  # noqa: BLE001 - reported, then the next one
-                cell.error = f"{type(exc).__name__}: {exc}"
-                print(" failed:", flush=True)
-                traceback.print_exc()
-                continue
-            cell.results.append(result)
-            print(f" {result.rate:,.0f} records/s", flush=True)
+            measure_into(
+                cell,
+                drain,
+                workdir,
+                records,
+                args.pg_edges,
+                total,
+                client_ids,
+                errors=(psycopg.Error,),
+            )
     return cells
 
 

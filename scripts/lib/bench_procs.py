@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import time
+import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -383,6 +384,31 @@ def _give_to_broker(path: Path) -> None:
     user = _broker_user()
     if os.geteuid() == 0 and user is not None:
         os.chown(path, *user)
+
+
+def measure_into(
+    cell, measure, *args, errors: tuple[type[BaseException], ...] = ()
+) -> bool:
+    """``measure(*args)`` into ``cell`` (``.results``, ``.error``), ending its
+    progress line.
+
+    A BenchError or one of ``errors`` is the run's failure, told in one line;
+    anything else is reported with its traceback. True when the run counted.
+    """
+    try:
+        result = measure(*args)
+    except (BenchError, *errors) as exc:
+        cell.error = " ".join(str(exc).split())
+        print(f" failed: {cell.error}", flush=True)
+        return False
+    except Exception as exc:  # noqa: BLE001 - reported, then the next one
+        cell.error = f"{type(exc).__name__}: {exc}"
+        print(" failed:", flush=True)
+        traceback.print_exc()
+        return False
+    cell.results.append(result)
+    print(f" {result.rate:,.0f} records/s", flush=True)
+    return True
 
 
 def wait_bounded(predicate, timeout: float, what: str, interval: float = POLL_S):
