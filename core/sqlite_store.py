@@ -506,8 +506,8 @@ def _migrate(db: Database, url: str) -> None:
         if others:
             raise DatastoreError(
                 url,
-                f"{db.conn.execute('PRAGMA database_list').fetchone()[2]} holds "
-                f"tables of another program ({', '.join(sorted(others)[:5])}); "
+                f"the file holds tables of another program "
+                f"({', '.join(sorted(others)[:5])}); "
                 "point datastore.url at a new file",
                 exit_code=Exit.CONFIG,
             )

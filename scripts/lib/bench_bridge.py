@@ -147,12 +147,10 @@ class Publisher:
     def __init__(self, proc: Proc, records: Path, count_acks: bool) -> None:
         self.proc = proc
         self.acked = 0
-        self._threads = [threading.Thread(target=self._feed, args=(records,))]
+        self._feeder = threading.Thread(target=self._feed, args=(records,), daemon=True)
+        self._feeder.start()
         if count_acks:
-            self._threads.append(threading.Thread(target=self._count))
-        for thread in self._threads:
-            thread.daemon = True
-            thread.start()
+            threading.Thread(target=self._count, daemon=True).start()
 
     def _feed(self, records: Path) -> None:
         try:
@@ -185,7 +183,7 @@ class Publisher:
 
     def finish(self) -> None:
         """Close its input and check that it exited cleanly."""
-        self._threads[0].join(SESSION_TIMEOUT_S)
+        self._feeder.join(SESSION_TIMEOUT_S)
         with contextlib.suppress(BrokenPipeError):
             self.proc.popen.stdin.close()
         code = self.proc.wait(SESSION_TIMEOUT_S)
